@@ -1,0 +1,83 @@
+"""Where the model checkpoints live, and the clear error when one is missing.
+
+Nothing is ever downloaded at run time: users download the folders once and point the project at
+them (``params.yaml`` → ``models``). A missing or incomplete folder raises ``CheckpointError`` naming
+what to download and where to put it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import CheckpointError
+
+# Sub-folders of an ACE-Step v1 checkpoint root (spec §1) and the file each must hold.
+ACESTEP_PARTS = {
+    "ace_step_transformer": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "music_dcae_f8c8": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "music_vocoder": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "umt5-base": ("config.json", "model.safetensors"),
+}
+
+DOWNLOAD_HINTS = {
+    "acestep": "ACE-Step/ACE-Step-v1-3.5B (https://huggingface.co/ACE-Step/ACE-Step-v1-3.5B)",
+    "mert": "m-a-p/MERT-v1-330M (https://huggingface.co/m-a-p/MERT-v1-330M)",
+    "mhubert": "utter-project/mHuBERT-147 (https://huggingface.co/utter-project/mHuBERT-147)",
+}
+
+
+def require_model_dir(path: str | Path, files: tuple[str, ...], what: str, hint_key: str) -> Path:
+    """Return ``path`` if it is a folder holding ``files``; else raise a CheckpointError that says
+    what to download (``DOWNLOAD_HINTS[hint_key]``) and where to put it."""
+    path = Path(path)
+    hint = DOWNLOAD_HINTS.get(hint_key, hint_key)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{what} not found at '{path}'. Download {hint} and put it there "
+            f"(or set its path in params.yaml → models). Nothing is downloaded automatically."
+        )
+    missing = [f for f in files if not (path / f).exists()]
+    if missing:
+        raise CheckpointError(
+            f"{what} at '{path}' is incomplete: missing {', '.join(missing)}. "
+            f"Re-download {hint} into that folder."
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class CheckpointPaths:
+    """The model folders one run uses."""
+
+    acestep: Path  # root with ace_step_transformer/, music_dcae_f8c8/, music_vocoder/, umt5-base/
+    mert: Path
+    mhubert: Path
+
+    @property
+    def transformer(self) -> Path:
+        return self.acestep / "ace_step_transformer"
+
+    @property
+    def dcae(self) -> Path:
+        return self.acestep / "music_dcae_f8c8"
+
+    @property
+    def vocoder(self) -> Path:
+        return self.acestep / "music_vocoder"
+
+    @property
+    def umt5(self) -> Path:
+        return self.acestep / "umt5-base"
+
+    def require(self, part: str) -> Path:
+        """Check one part ("ace_step_transformer", "music_dcae_f8c8", "music_vocoder",
+        "umt5-base", "mert" or "mhubert") and return its folder."""
+        if part in ACESTEP_PARTS:
+            return require_model_dir(
+                self.acestep / part, ACESTEP_PARTS[part], f"ACE-Step part '{part}'", "acestep"
+            )
+        if part == "mert":
+            return require_model_dir(self.mert, ("config.json",), "MERT model", "mert")
+        if part == "mhubert":
+            return require_model_dir(self.mhubert, ("config.json",), "mHuBERT model", "mhubert")
+        raise ValueError(f"unknown checkpoint part {part!r}")
