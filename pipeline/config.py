@@ -1,0 +1,132 @@
+"""Project settings: typed dataclasses with their defaults in one place.
+
+``params.yaml`` (read by DVC and by every stage) only overrides these defaults; an unknown key is an
+error so a typo never silently falls back to a default. The training settings have their own
+dataclass (``pipeline.train_config.TrainConfig``); here they are kept as the raw mapping and handed
+to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.checkpoints import CheckpointPaths
+from pipeline.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@dataclass
+class PathsConfig:
+    data: str = "workspace/data"  # the user's triplets (NAME.mp3 + NAME_prompt.txt + NAME_lyrics.txt)
+    cache: str = "workspace/cache"  # manifest, decoded PCM and feature shards
+    exps: str = "workspace/exps/logs"  # one folder per experiment (checkpoints, metrics, previews)
+
+    @property
+    def manifest(self) -> Path:
+        return Path(self.cache) / "manifest.jsonl"
+
+    @property
+    def audio_list(self) -> Path:
+        # The audio-only view of the manifest: changes only when audio changes, so editing a
+        # prompt does not make DVC rerun the audio stages.
+        return Path(self.cache) / "audio_list.jsonl"
+
+    @property
+    def text_list(self) -> Path:
+        return Path(self.cache) / "text_list.jsonl"
+
+    @property
+    def pcm(self) -> Path:
+        return Path(self.cache) / "pcm"
+
+    @property
+    def features(self) -> Path:
+        return Path(self.cache) / "features"
+
+
+@dataclass
+class ModelsConfig:
+    # Local folders only: nothing is downloaded. See README "Real checkpoints".
+    acestep: str = "workspace/checkpoints/ACE-Step-v1-3.5B"
+    mert: str = "workspace/checkpoints/MERT-v1-330M"
+    mhubert: str = "workspace/checkpoints/mHuBERT-147"
+    lyric_vocab: str = "workspace/checkpoints/lyrics_vocab.json"
+
+    def paths(self) -> CheckpointPaths:
+        return CheckpointPaths(Path(self.acestep), Path(self.mert), Path(self.mhubert))
+
+
+@dataclass
+class IngestConfig:
+    min_seconds: float = 3.0  # shorter clips are padded with silence to this length
+    max_silence: float = 0.95  # reject a clip whose samples are more than this fraction exact zeros
+
+
+@dataclass
+class EncodeConfig:
+    device: str = "auto"  # auto = cuda if available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu (encoders only)
+    text_variants: int = 8  # prompt variants (tag shuffles / recaption picks) cached per song
+    text_seed: int = 0
+    storage_dtype: str = "bfloat16"  # float16 or bfloat16 in the Zarr shards
+    num_workers_total: int = 1  # split an encode step over N parallel workers...
+    worker_index: int = 0  # ...this one's index (0-based)
+
+
+@dataclass
+class ProjectConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    train: dict[str, Any] = field(default_factory=dict)  # -> TrainConfig.from_params
+
+
+def _fill(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> ProjectConfig:
+    """Read params.yaml (missing file = all defaults)."""
+    path = Path(path)
+    if not path.exists():
+        return ProjectConfig()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    sections = {"paths": PathsConfig, "models": ModelsConfig, "ingest": IngestConfig, "encode": EncodeConfig}
+    unknown = sorted(set(raw) - set(sections) - {"train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    built = {name: _fill(cls, raw.get(name) or {}, f"{path} → {name}") for name, cls in sections.items()}
+    return ProjectConfig(**built, train=dict(raw.get("train") or {}))
+
+
+def resolve_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device) -> "torch.dtype":
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}: use auto, float32 or bfloat16") from None
