@@ -107,9 +107,11 @@ def load_ssl_model(folder: str | Path, what: str, hint_key: str, dtype: torch.dt
     try:
         if "auto_map" in config:
             # The folder's own code; the flag must be explicit or transformers asks interactively.
-            model = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True, dtype=dtype)
+            model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True,
+                                                    dtype=dtype, output_loading_info=True)
         elif config.get("model_type") == "hubert":
-            model = HubertModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+            model, info = HubertModel.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                      output_loading_info=True)
         else:
             raise CheckpointError(
                 f"{what} at '{folder}': config.json is neither a HuBERT config (model_type "
@@ -123,6 +125,14 @@ def load_ssl_model(folder: str | Path, what: str, hint_key: str, dtype: torch.dt
             f"{what} at '{folder}' could not be loaded ({type(err).__name__}: {err}). "
             f"Re-download {DOWNLOAD_HINTS.get(hint_key, hint_key)} into that folder."
         ) from err
+    # A weight the file lacks would silently stay random and make every feature garbage.
+    # masked_spec_embed is only used for SpecAugment during pre-training, never here.
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("masked_spec_embed"))
+    if missing:
+        raise CheckpointError(
+            f"{what} at '{folder}' lacks {len(missing)} weights (e.g. {', '.join(missing[:3])}). "
+            f"Re-download {DOWNLOAD_HINTS.get(hint_key, hint_key)} into that folder."
+        )
     model.eval()  # no dropout, no layerdrop, no SpecAugment masking
     model.requires_grad_(False)
     return model.to(device="cpu", dtype=dtype)
