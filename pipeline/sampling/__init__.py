@@ -9,6 +9,18 @@ from pipeline.sampling.guidance import (
     guidance_interval,
     guidance_scale_at,
 )
+from pipeline.sampling.sampler import (
+    SamplerSettings,
+    duration_for_frames,
+    erg_diffusion_modules,
+    erg_lyric_modules,
+    frames_for_duration,
+    make_noise,
+    null_conditioning,
+    resolve_seeds,
+    sample,
+    scaled_outputs,
+)
 from pipeline.sampling.schedule import (
     default_sigma_min,
     euler_step,
@@ -20,6 +32,16 @@ from pipeline.sampling.schedule import (
 )
 
 __all__ = [
+    "SamplerSettings",
+    "duration_for_frames",
+    "erg_diffusion_modules",
+    "erg_lyric_modules",
+    "frames_for_duration",
+    "make_noise",
+    "null_conditioning",
+    "resolve_seeds",
+    "sample",
+    "scaled_outputs",
     "MomentumBuffer",
     "apg",
     "cfg",
