@@ -1,0 +1,414 @@
+"""The LoRA training loop: batches in, LoRA checkpoints + metrics out.
+
+It reproduces the official trainer's step (spec §6; docs/training.md lists where we differ) and
+holds only the transformer with its LoRA: the batches already carry the latents, text states, lyric
+ids and SSL targets (from the feature cache, or from the live source), so neither the codec nor the
+text or SSL encoders are imported here. Previews are a callback the caller passes in.
+
+    transformer = load_transformer_for_training(paths.transformer, config)
+    summary = train(config, transformer, make_loader(cache, settings), run_dir)
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.errors import AceTurboError, CacheError, CheckpointError, ConfigError
+from pipeline.metrics import MetricsLogger, truncate_metrics
+from pipeline.objective import cfg_dropout, denoise_loss, noisy_latents, sample_sigmas, total_loss, training_sigmas
+from pipeline.train_config import TrainConfig
+from pipeline.train_state import (
+    LoopState,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
+
+ADAPTER = "default"
+PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "fp32": torch.float32}
+Preview = Callable[[torch.nn.Module, dict, int], Any]
+
+
+class TrainingDiverged(AceTurboError):
+    """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------ setup
+def lora_settings(config: TrainConfig):
+    from pipeline.lora import LoraSettings
+
+    return LoraSettings(r=config.rank, alpha=float(config.alpha), use_rslora=config.rslora,
+                        target_modules=tuple(config.target_modules), dropout=config.lora_dropout)
+
+
+def load_transformer_for_training(transformer_dir: str | Path, config: TrainConfig,
+                                  device: torch.device | str | None = None) -> torch.nn.Module:
+    """The transformer, frozen, in the training precision, with a fresh LoRA: all the trainer holds.
+
+    bf16-true: base weights and LoRA in bf16 (peft would otherwise keep LoRA in fp32, STACK.md
+    pitfall 5). The LoRA init is seeded by config.seed so that runs are reproducible.
+    """
+    from pipeline.lora import apply_lora
+    from pipeline.models.transformer import ACEStepTransformer2DModel
+
+    folder = Path(transformer_dir)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"transformer checkpoint not found at '{folder}' (no config.json); download "
+                              "ACE-Step/ACE-Step-v1-3.5B and set params.yaml → models → acestep.")
+    device = distributed.resolve_device(config.device) if device is None else torch.device(device)
+    dtype = PRECISION_DTYPES[config.precision]
+    model = ACEStepTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
+    model.requires_grad_(False)
+    model.to(device=device, dtype=dtype)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    torch.manual_seed(config.seed)
+    apply_lora(model, lora_settings(config), adapter_name=ADAPTER, dtype=dtype)
+    model.train()  # official: Lightning trains the transformer in train mode (lyric-encoder dropout on)
+    return model
+
+
+def lr_factor(step: int, warmup: int, max_steps: int) -> float:
+    """Official schedule (spec §6.2): linear 0→1 over `warmup` steps, then linear to 0 at max_steps."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+
+
+# ------------------------------------------------------------------ one step
+def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.Tensor, config: TrainConfig,
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, float]]:
+    """Official run_step (spec §6.3) on one batch: CFG dropout, sigma, x_t, forward, losses.
+
+    All randomness comes from `generator` on the CPU, before the batch moves to the device, so the
+    same seed gives the same noise on any device.
+    """
+    batch = cfg_dropout(batch, generator, text_p=config.text_dropout, speaker_p=config.speaker_dropout,
+                        lyric_p=config.lyric_dropout)
+    noise = torch.randn(batch["latents"].shape, generator=generator, dtype=torch.float32)
+    sigma = sample_sigmas(batch["latents"].shape[0], generator, sigmas,
+                          logit_mean=config.logit_mean, logit_std=config.logit_std)
+    b = _to_device(batch, device, dtype)
+    x0, noise = b["latents"], noise.to(device, dtype)
+    x_t = noisy_latents(x0, noise, sigma.to(device, dtype))
+    ssl = [b["mert"], b["mhubert"]] if b.get("mert") and b.get("mhubert") else None
+    out = model(
+        hidden_states=x_t, attention_mask=b["latent_mask"],
+        encoder_text_hidden_states=b["text_states"], text_attention_mask=b["text_mask"],
+        speaker_embeds=b["speaker"], lyric_token_idx=b["lyric_ids"], lyric_mask=b["lyric_mask"],
+        timestep=(1000.0 * sigma).to(device),  # fp32: a bf16 timestep would round 1000σ to steps of 4
+        ssl_hidden_states=ssl,
+    )
+    denoise = denoise_loss(out.sample, x_t, x0, sigma.to(device, dtype), b["latent_mask"])
+    return total_loss(denoise, out.proj_losses or [], ssl_coeff=config.ssl_coeff)
+
+
+def train_step(model, source: "_BatchStream", optimizer, scheduler, params: list[torch.nn.Parameter],
+               generator: torch.Generator, sigmas: torch.Tensor, config: TrainConfig,
+               device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """One optimizer step over `grad_accumulation` batches; returns its metrics."""
+    accum = config.grad_accumulation
+    parts_sum: dict[str, float] = {}
+    for micro in range(accum):
+        batch = source.next()
+        # DDP: all-reduce gradients only on the last micro-batch of the step
+        sync = micro == accum - 1 or not hasattr(model, "no_sync")
+        with nullcontext() if sync else model.no_sync():
+            loss, parts = compute_loss(model, batch, generator, sigmas, config, device, dtype)
+            if distributed.any_rank(not math.isfinite(parts["loss"]), device):
+                raise TrainingDiverged(f"loss is {parts['loss']} (NaN/inf)")
+            (loss / accum).backward()
+        for key, value in parts.items():
+            parts_sum[key] = parts_sum.get(key, 0.0) + value / accum
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(grad_norm):  # same value on every rank: the gradients are all-reduced
+        raise TrainingDiverged(f"gradient norm is {grad_norm} (NaN/inf)")
+    lr = scheduler.get_last_lr()[0]  # the rate this step uses (the official train/learning_rate)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**parts_sum, "lr": lr, "grad_norm": grad_norm}
+
+
+# ------------------------------------------------------------------ the loop
+def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[dict], run_dir: str | Path,
+          preview: Preview | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train the transformer's LoRA on `batches` until config.max_steps; return a summary dict.
+
+    `batches`: an iterable of batches (the cache loader or the live source); if it has
+    state_dict()/load_state_dict() its position is checkpointed. It is iterated again at its end
+    (a new epoch). `resume`: "latest", a checkpoint folder, or None for a new run.
+    Stops cleanly on SIGTERM or Ctrl-C (checkpoint saved, summary["stopped"] says why).
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    rank = distributed.info()
+    device = next(transformer.parameters()).device
+    dtype = PRECISION_DTYPES[config.precision]
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the transformer has no trainable LoRA parameters: load it with "
+                          "load_transformer_for_training (or apply_lora) before train().")
+    settings = lora_settings(config)
+    model = distributed.wrap(transformer)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.betas),
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup=config.warmup_steps, max_steps=config.max_steps))
+    sigmas = training_sigmas(shift=config.shift)
+    generator = torch.Generator().manual_seed(config.seed + rank.rank)  # one stream per rank
+    _seed_global(config.seed + rank.rank)
+
+    loop = LoopState()
+    if resume:
+        path = resolve_resume(run_dir, resume)
+        loop = load_checkpoint(path, transformer, optimizer, scheduler, settings, adapter_name=ADAPTER)
+        _restore_position(loop, generator, batches, rank, config.seed)
+        _say(rank, f"resumed from {path} at step {loop.step}")
+    if rank.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "train_config.json", config.to_json())
+        truncate_metrics(run_dir / "metrics.jsonl", loop.step)  # steps after the checkpoint are redone
+    logger = MetricsLogger(run_dir, plot_every=config.log_plot_every, enabled=rank.is_main, title=config.run_name)
+    source = _BatchStream(batches, loop.epoch)
+    last_good = latest_checkpoint(run_dir) if resume else None
+    saved_step = loop.step if resume else -1
+    stopped, times = "completed", []
+    bar = _progress(rank, loop.step, config.max_steps)
+
+    def save(state: LoopState, collective: bool = True) -> None:
+        nonlocal last_good, saved_step
+        if collective:  # every rank's RNG and loader position, so a DDP resume is exact too
+            state.rng, state.loader = distributed.gather(state.rng), distributed.gather(state.loader)
+        else:
+            state.rng, state.loader = [state.rng], [state.loader]
+        if rank.is_main:
+            last_good = save_checkpoint(run_dir, transformer, settings, optimizer, scheduler, state,
+                                        config.to_dict(), adapter_name=ADAPTER)
+            prune_checkpoints(run_dir, config.keep_last)
+        saved_step = state.step
+        if collective:
+            distributed.barrier()
+
+    with _StopRequest() as stop, _closing(logger, bar):
+        try:
+            model.train()
+            while loop.step < config.max_steps:
+                if distributed.any_rank(stop.reason is not None, device):
+                    stopped = stop.reason or "stopped by another rank"
+                    break
+                start = _position(loop, generator, source)  # what a Ctrl-C mid-step saves
+                if preview is not None and config.plot_every and loop.step % config.plot_every == 0:
+                    _run_preview(preview, transformer, source, loop.step, rank, device)
+                tic = time.perf_counter()
+                record = train_step(model, source, optimizer, scheduler, params, generator, sigmas, config,
+                                    device, dtype)
+                loop.step, loop.epoch = loop.step + 1, source.epoch
+                times.append(time.perf_counter() - tic)
+                logger.log(_record(loop, record, times[-1], config, rank, device))
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if config.save_every and loop.step % config.save_every == 0 and loop.step < config.max_steps:
+                    save(_position(loop, generator, source))
+        except KeyboardInterrupt:
+            # Raised outside the optimizer update (by a second Ctrl-C or the batch source): the
+            # weights are still those of `start`, which is therefore a consistent checkpoint.
+            stopped, loop = "interrupted (Ctrl-C)", start
+            save(start, collective=False)
+        except TrainingDiverged as exc:
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+            raise TrainingDiverged(
+                f"training diverged at step {loop.step + 1}: {exc}; {where}. Lower learning_rate, keep "
+                "grad_clip on, or use precision fp32."
+            ) from None
+        if stopped != "interrupted (Ctrl-C)" and saved_step != loop.step:
+            save(_position(loop, generator, source))  # the final checkpoint (also after SIGTERM)
+        logger.plot()
+    steady = times[1:] or times  # the first step pays for warm-up allocations
+    summary = {
+        "run_dir": str(run_dir), "step": loop.step, "epoch": loop.epoch, "stopped": stopped,
+        "checkpoint": str(last_good) if last_good else None,
+        "last_loss": logger.last.get("loss") if rank.is_main else None,
+        "sec_per_step": sum(steady) / len(steady) if steady else None,
+        "tensorboard": logger.has_tensorboard if rank.is_main else False,
+    }
+    if stopped != "completed":
+        _say(rank, f"{stopped}: stopped at step {loop.step}; checkpoint {last_good}. Continue with --resume latest.")
+    return summary
+
+
+# ------------------------------------------------------------------ helpers
+class _closing:
+    """Close the metrics file and the progress bar however the loop ends."""
+
+    def __init__(self, *things):
+        self.things = things
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for thing in self.things:
+            thing.close()
+
+
+class _BatchStream:
+    """Endless batches from a finite iterable: a new pass (epoch) starts when one ends."""
+
+    def __init__(self, batches: Iterable[dict], epoch: int = 0):
+        self.batches, self._epoch, self._it, self._peeked = batches, epoch, None, None
+
+    @property
+    def epoch(self) -> int:
+        state = self.state()
+        return int(state["epoch"]) if isinstance(state, dict) and "epoch" in state else self._epoch
+
+    def state(self) -> dict | None:
+        return self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+
+    def peek(self) -> dict:
+        """The batch the next step starts with (the official preview runs on the current batch)."""
+        if self._peeked is None:
+            self._peeked = self._fetch()
+        return self._peeked
+
+    def next(self) -> dict:
+        if self._peeked is not None:
+            batch, self._peeked = self._peeked, None
+            return batch
+        return self._fetch()
+
+    def _fetch(self) -> dict:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.batches)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+                self._epoch += 1
+        raise CacheError("the batch source produced no batches: is the feature cache empty? "
+                         "Run `dvc repro` (or `aceturbo encode`) first.")
+
+
+class _StopRequest:
+    """SIGTERM, or a first Ctrl-C, asks the loop to stop after the current step (then it saves); a
+    second Ctrl-C raises KeyboardInterrupt at once. Only the main thread can install handlers."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.reason = self.reason or "SIGTERM"
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = "interrupted (Ctrl-C)"
+        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to stop at once)...",
+              flush=True)
+
+
+def _position(loop: LoopState, generator: torch.Generator, source: _BatchStream) -> LoopState:
+    return LoopState(step=loop.step, epoch=source.epoch, rng=capture_rng(generator), loader=source.state())
+
+
+def _restore_position(loop: LoopState, generator, batches, rank: distributed.DistInfo, seed: int) -> None:
+    """Put RNGs and the batch source back where the checkpoint's rank left them."""
+    rngs, loaders = loop.rng, loop.loader
+    if len(rngs) == rank.world_size:
+        restore_rng(rngs[rank.rank], generator)
+    else:  # resumed on another number of processes: continue exact on rank 0, reseed the others
+        restore_rng(rngs[0], generator)
+        if rank.rank:
+            generator.manual_seed(seed + rank.rank + 7919 * loop.step)
+    loader = loaders[rank.rank] if len(loaders) == rank.world_size else loaders[0]
+    if loader is not None and hasattr(batches, "load_state_dict"):
+        batches.load_state_dict(loader)
+
+
+def _run_preview(preview: Preview, transformer, source: _BatchStream, step: int, rank, device) -> None:
+    """Preview on rank 0 on the upcoming batch, without touching the training RNG streams."""
+    if not rank.is_main:
+        return
+    batch = source.peek()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        transformer.eval()
+        try:
+            preview(transformer, batch, step)
+        finally:
+            transformer.train()
+
+
+def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, rank, device) -> dict:
+    keys = ("loss", "denoise_loss", "mert_loss", "mhubert_loss")
+    values = [float(record.get(k, float("nan"))) for k in keys]
+    if rank.enabled:  # log the mean over ranks, like Lightning's sync_dist
+        values = distributed.mean_across_ranks(torch.tensor(values, device=device)).tolist()
+    samples = config.batch_size * config.grad_accumulation * rank.world_size
+    return {"step": loop.step, "epoch": loop.epoch, **dict(zip(keys, values)), "lr": record["lr"],
+            "grad_norm": record["grad_norm"], "sec_per_step": round(seconds, 6),
+            "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
+
+
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`."""
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+        if isinstance(x, (list, tuple)):
+            return [move(v) for v in x]
+        return x
+    return {key: move(value) for key, value in batch.items()}
+
+
+def _seed_global(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _say(rank, message: str) -> None:
+    if rank.is_main:
+        print(message, flush=True)
+
+
+def _progress(rank, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not rank.is_main,
+                dynamic_ncols=True)

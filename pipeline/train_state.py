@@ -1,0 +1,263 @@
+"""LoRA checkpoints: save (atomically), find, load for resume, prune.
+
+A checkpoint is a folder ``<run_dir>/checkpoints/epoch=E-step=S_lora/`` (the official name, spec §6.6):
+
+- ``pytorch_lora_weights.safetensors`` — the LoRA in the official layout (pipeline.lora.save_lora);
+  this is the file generation, ComfyUI and the official pipeline load.
+- ``training_state.pt`` — what resuming needs besides the weights: optimizer and scheduler state,
+  step, epoch, every RNG state and the batch source's position. Never base weights.
+
+Both are written into a hidden temp folder that is renamed into place, so a crash or Ctrl-C never
+leaves a half-written checkpoint where ``--resume latest`` would find it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import CheckpointError, ConfigError
+
+CHECKPOINTS_DIR = "checkpoints"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+STATE_FILE = "training_state.pt"
+STATE_FORMAT = 1
+_NAME = re.compile(r"^epoch=(\d+)-step=(\d+)_lora$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"epoch={epoch}-step={step}_lora"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """(epoch, step) of a checkpoint folder name, or None."""
+    m = _NAME.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest step first."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        parsed = parse_checkpoint_name(p.name)
+        if parsed and (p / LORA_FILE).is_file() and (p / STATE_FILE).is_file():
+            found.append((parsed[1], parsed[0], p))
+    return [p for _, _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(run_dir: str | Path, resume: str | Path) -> Path:
+    """The checkpoint folder meant by ``resume``: "latest", a checkpoint folder, its LoRA file, or
+    a run folder (its latest checkpoint). ConfigError naming the fix when there is none."""
+    run_dir = Path(run_dir)
+    if str(resume) == "latest":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise ConfigError(
+                f"resume=latest but '{run_dir / CHECKPOINTS_DIR}' holds no complete checkpoint; "
+                "drop --resume to start a new run."
+            )
+        return found
+    path = Path(resume)
+    if path.is_file() and path.name in (LORA_FILE, STATE_FILE):
+        path = path.parent
+    if path.is_dir() and parse_checkpoint_name(path.name) is None and (path / CHECKPOINTS_DIR).is_dir():
+        found = latest_checkpoint(path)
+        if found is not None:
+            path = found
+    if not path.is_dir():
+        raise ConfigError(f"resume checkpoint '{resume}' not found; pass 'latest' or a checkpoint folder "
+                          f"(…/{CHECKPOINTS_DIR}/epoch=E-step=S_lora).")
+    if not (path / STATE_FILE).is_file() or not (path / LORA_FILE).is_file():
+        raise ConfigError(
+            f"'{path}' cannot resume training: it needs both {LORA_FILE} and {STATE_FILE} "
+            "(an exported LoRA has no optimizer state); pick a folder under the run's checkpoints/."
+        )
+    return path
+
+
+# ------------------------------------------------------------------ RNG state
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a step consumes: our generator (noise, sigma, CFG dropout), torch's global
+    RNGs (dropout inside the model), Python's and NumPy's (a batch source may use them)."""
+    np_state = np.random.get_state()
+    state = {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "python": _to_lists(random.getstate()),
+        # stored as plain lists/ints so that the file loads with torch.load(weights_only=True)
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ------------------------------------------------------------------ the loop's position
+@dataclass
+class LoopState:
+    """Where the loop is: resuming from it repeats exactly what an uninterrupted run would do."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    # capture_rng(...) while running; in a checkpoint a list with one entry per rank
+    rng: Any = field(default_factory=dict)
+    loader: Any = None  # batches.state_dict() (per rank in a checkpoint), None if it has none
+
+
+def lora_parameters(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters under their official file keys (adapter name removed, spec §6.6)."""
+    tag = f".{adapter_name}."
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name and tag in name:
+            out[name.replace(tag, ".")] = p
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    transformer: torch.nn.Module,
+    lora_settings: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loop: LoopState,
+    config: dict[str, Any] | None = None,
+    adapter_name: str = "default",
+) -> Path:
+    """Write ``checkpoints/epoch=E-step=S_lora/`` atomically and return its path."""
+    from pipeline.lora import save_lora
+
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / checkpoint_name(loop.epoch, loop.step)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{final.name}-"))
+    os.chmod(tmp, 0o755)
+    state = {
+        "format": STATE_FORMAT,
+        "step": loop.step,
+        "epoch": loop.epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": loop.rng,
+        "loader": loop.loader,
+        "lora": _lora_signature(lora_settings),
+        "config": config or {},
+    }
+    old = None
+    try:
+        save_lora(transformer, tmp, lora_settings, adapter_name=adapter_name)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():  # same step saved again (e.g. interrupted right after a resume)
+            old = folder / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    transformer: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    lora_settings: Any,
+    adapter_name: str = "default",
+) -> LoopState:
+    """Put a checkpoint's LoRA weights (in place, so the optimizer keeps its parameters), optimizer
+    and scheduler state back; return the loop position (the caller restores RNGs and the loader)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path / STATE_FILE} ({type(exc).__name__}: {exc}); "
+                              "resume from an earlier checkpoint.") from None
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path / STATE_FILE} has format {state.get('format')!r}, expected {STATE_FORMAT}.")
+    want = _lora_signature(lora_settings)
+    if state["lora"] != want:
+        raise ConfigError(
+            f"cannot resume from '{path}': it was trained with LoRA {state['lora']} but the settings now ask "
+            f"for {want}; use the run's original rank/alpha/targets or start a new experiment."
+        )
+    weights = load_file(str(path / LORA_FILE))
+    params = lora_parameters(transformer, adapter_name)
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path / LORA_FILE} does not match the model's LoRA layers "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same transformer."
+        )
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(weights[key].to(device=p.device, dtype=p.dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return LoopState(step=int(state["step"]), epoch=int(state["epoch"]), rng=state["rng"], loader=state["loader"])
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (0: keep all) and stale temp folders."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)  # left by a crash; only rank 0 writes here
+    if keep_last > 0:
+        for p in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _lora_signature(settings: Any) -> dict[str, Any]:
+    return {
+        "r": int(settings.r),
+        "alpha": float(settings.alpha),
+        "use_rslora": bool(settings.use_rslora),
+        "target_modules": sorted(settings.target_modules),
+    }
