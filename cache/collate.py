@@ -1,0 +1,135 @@
+"""One song -> one training sample -> a batch: the random crop, the prompt-variant pick, the collate.
+
+This is the single definition of the batch layout; the cached loader (cache/loader.py) and the live
+source both build batches with these functions, which is what keeps cached == live.
+
+Batch (B samples):
+    keys         list[str]
+    latents      float [B,8,16,T]        zero padded to the longest sample
+    latent_mask  float [B,T]             1 valid / 0 pad
+    text_states  float [B,L_txt,D_txt]   the chosen prompt variant, zero padded
+    text_mask    long  [B,L_txt]
+    speaker      float [B,S]             zeros (the released checkpoint has no speaker input, spec §4.2)
+    lyric_ids    long  [B,L_lyr]         zero padded
+    lyric_mask   long  [B,L_lyr]
+    mert         list of B float [T_m,D_m]  (None entries when the stream was not loaded)
+    mhubert      list of B float [T_h,D_h]
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+
+import torch
+
+from cache.schema import LATENT_RATE, MERT_RATE, MHUBERT_RATE, SongFeatures
+
+
+def max_frames(max_seconds: float) -> int:
+    """Latent frames in ``max_seconds`` (240 s -> 2583, as the reference pipeline counts)."""
+    return int(max_seconds * LATENT_RATE)
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The random source of one sample: depends on (seed, epoch, song) only, never on worker count."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _frame_span(start_s: float, end_s: float, rate: float, length: int) -> slice:
+    begin = min(max(round(start_s * rate), 0), length)
+    end = min(max(round(end_s * rate), begin), length)
+    return slice(begin, end)
+
+
+def crop_song(features: SongFeatures, start_frame: int, n_frames: int) -> SongFeatures:
+    """Cut the same time span from every time stream.
+
+    The window is [start_frame, start_frame + n_frames) latent frames, i.e. times t0..t1 seconds;
+    MERT keeps frames round(t0*75)..round(t1*75), mHuBERT round(t0*50)..round(t1*50). Text and
+    lyrics are not timed and stay whole.
+    """
+    if features.latents is None:
+        raise ValueError(f"song {features.key!r}: cropping needs latents")
+    total = features.latents.shape[-1]
+    start = max(0, min(int(start_frame), total))
+    stop = max(start, min(start + int(n_frames), total))
+    t0, t1 = start / LATENT_RATE, stop / LATENT_RATE
+    changes: dict = {"latents": features.latents[..., start:stop]}
+    if features.mert is not None:
+        changes["mert"] = features.mert[_frame_span(t0, t1, MERT_RATE, features.mert.shape[0])]
+    if features.mhubert is not None:
+        changes["mhubert"] = features.mhubert[_frame_span(t0, t1, MHUBERT_RATE, features.mhubert.shape[0])]
+    return features.replace(**changes)
+
+
+def random_crop_start(total_frames: int, window_frames: int, rng: random.Random) -> int:
+    """Uniform start of a window of ``window_frames`` in a song of ``total_frames`` (0 when it fits)."""
+    if total_frames <= window_frames:
+        return 0
+    return rng.randrange(total_frames - window_frames + 1)
+
+
+def choose_variant(features: SongFeatures, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one of the K prompt variants uniformly; returns (states [L,D], mask [L]).
+
+    Variants were padded to the longest one when stored; the trailing padding of the chosen one is
+    cut so it equals encoding that prompt alone.
+    """
+    if features.text_states is None or features.text_masks is None:
+        raise ValueError(f"song {features.key!r}: choosing a prompt variant needs the text stream")
+    k = rng.randrange(features.text_states.shape[0])
+    mask = features.text_masks[k].long()
+    valid = torch.nonzero(mask).flatten()
+    length = int(valid[-1]) + 1 if len(valid) else mask.shape[0]
+    return features.text_states[k, :length], mask[:length]
+
+
+def make_sample(features: SongFeatures, rng: random.Random, max_seconds: float) -> dict:
+    """Random crop to ``max_seconds`` + random prompt variant -> one sample for ``collate``."""
+    window = max_frames(max_seconds)
+    total = features.latents.shape[-1]
+    if total > window:
+        features = crop_song(features, random_crop_start(total, window, rng), window)
+    states, mask = choose_variant(features, rng)
+    return {"key": features.key, "latents": features.latents, "text_states": states, "text_mask": mask,
+            "lyric_ids": features.lyric_ids, "mert": features.mert, "mhubert": features.mhubert}
+
+
+def collate(samples: list[dict], speaker_dim: int = 512, dtype: torch.dtype = torch.float32) -> dict:
+    """Samples (from ``make_sample``) -> the batch layout in this module's docstring."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    size = len(samples)
+    t_max = max(s["latents"].shape[-1] for s in samples)
+    l_txt = max(s["text_states"].shape[0] for s in samples)
+    d_txt = samples[0]["text_states"].shape[-1]
+    l_lyr = max(s["lyric_ids"].shape[0] for s in samples)
+    latents = torch.zeros(size, *samples[0]["latents"].shape[:-1], t_max, dtype=dtype)
+    latent_mask = torch.zeros(size, t_max, dtype=dtype)
+    text_states = torch.zeros(size, l_txt, d_txt, dtype=dtype)
+    text_mask = torch.zeros(size, l_txt, dtype=torch.long)
+    lyric_ids = torch.zeros(size, l_lyr, dtype=torch.long)
+    lyric_mask = torch.zeros(size, l_lyr, dtype=torch.long)
+    for i, s in enumerate(samples):
+        t = s["latents"].shape[-1]
+        latents[i, ..., :t] = s["latents"].to(dtype)
+        latent_mask[i, :t] = 1
+        n = s["text_states"].shape[0]
+        text_states[i, :n] = s["text_states"].to(dtype)
+        text_mask[i, :n] = s["text_mask"].long()
+        n = s["lyric_ids"].shape[0]
+        lyric_ids[i, :n] = s["lyric_ids"].long()
+        lyric_mask[i, :n] = 1
+    return {
+        "keys": [s["key"] for s in samples],
+        "latents": latents,
+        "latent_mask": latent_mask,
+        "text_states": text_states,
+        "text_mask": text_mask,
+        "speaker": torch.zeros(size, speaker_dim, dtype=dtype),
+        "lyric_ids": lyric_ids,
+        "lyric_mask": lyric_mask,
+        "mert": [None if s.get("mert") is None else s["mert"].to(dtype) for s in samples],
+        "mhubert": [None if s.get("mhubert") is None else s["mhubert"].to(dtype) for s in samples],
+    }
