@@ -2,6 +2,7 @@
 sampling loop, and `generate` (checkpoint + prompt + lyrics → wav)."""
 from __future__ import annotations
 
+from pipeline.sampling.generation import Conditioning, build_conditioning, generate, params_path
 from pipeline.sampling.guidance import (
     MomentumBuffer,
     apg,
@@ -32,6 +33,10 @@ from pipeline.sampling.schedule import (
 )
 
 __all__ = [
+    "Conditioning",
+    "build_conditioning",
+    "generate",
+    "params_path",
     "SamplerSettings",
     "duration_for_frames",
     "erg_diffusion_modules",

@@ -1,0 +1,240 @@
+"""`generate`, the `aceturbo generate` command and the training preview.
+
+Plumbing tests use small stand-ins for the models (fast, independent of the model modules); the
+end-to-end tests run the real loaders on the tiny random checkpoint from pipeline/tiny."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+
+import pipeline.sampling.generation as gen
+from pipeline.errors import AceTurboError, CheckpointError, ConfigError
+from pipeline.preview import PreviewSettings, make_preview_callback, preview_text
+from pipeline.sampling import SamplerSettings, frames_for_duration, generate, params_path
+
+
+# ------------------------------------------------------------------------------ stand-ins
+class _Lin(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.to_q = torch.nn.Linear(d, d)
+
+
+class StandInTransformer(torch.nn.Module):
+    def __init__(self, d=4, text_dim=6, speaker_dim=3, vocab=50):
+        super().__init__()
+        torch.manual_seed(0)
+        self.genre_embedder = torch.nn.Linear(text_dim, d)
+        self.speaker_embedder = torch.nn.Linear(speaker_dim, d)
+        self.lyric_embs = torch.nn.Embedding(vocab, d)
+        self.transformer_blocks = torch.nn.ModuleList(torch.nn.Module() for _ in range(2))
+        for blk in self.transformer_blocks:
+            blk.attn, blk.cross_attn = _Lin(d), _Lin(d)
+        self.out = torch.nn.Linear(d, 8)
+
+    def encode(self, encoder_text_hidden_states, text_attention_mask, speaker_embeds, lyric_token_idx, lyric_mask):
+        states = torch.cat([self.speaker_embedder(speaker_embeds)[:, None],
+                            self.genre_embedder(encoder_text_hidden_states), self.lyric_embs(lyric_token_idx)], 1)
+        mask = torch.cat([torch.ones_like(text_attention_mask[:, :1]), text_attention_mask, lyric_mask], 1)
+        return states, mask
+
+    def decode(self, hidden_states, attention_mask, encoder_hidden_states, encoder_hidden_mask, timestep):
+        ctx = encoder_hidden_states.mean(1)
+        for blk in self.transformer_blocks:
+            ctx = ctx + 0.1 * torch.tanh(blk.attn.to_q(ctx) + blk.cross_attn.to_q(ctx))
+        return (0.5 * hidden_states + self.out(ctx)[:, :, None, None],)
+
+
+class StandInTextEncoder:
+    def encode(self, prompts):
+        g = torch.Generator().manual_seed(len(prompts[0]))
+        return torch.randn(len(prompts), 5, 6, generator=g), torch.ones(len(prompts), 5, dtype=torch.long)
+
+    def erg_null_encode(self, prompts):
+        return torch.zeros(len(prompts), 5, 6)
+
+
+class StandInTokenizer:
+    def tokenize(self, lyrics):
+        return [1] + [ord(c) % 50 for c in lyrics][:20]
+
+
+class StandInCodec:
+    released = 0
+
+    def decode(self, latents, audio_lengths=None, sr=None):
+        n = int(latents.shape[-1] * 4096 * 48000 / 44100)
+        curves = [torch.tanh(lat.mean(dim=(0, 1)))[None, None] for lat in latents]
+        wavs = [0.5 * torch.nn.functional.interpolate(c, size=n)[0].repeat(2, 1) for c in curves]
+        return 48000, wavs
+
+    def __del__(self):
+        StandInCodec.released += 1
+
+
+@pytest.fixture
+def stand_ins(monkeypatch, tmp_path):
+    monkeypatch.setattr(gen, "load_transformer", lambda root, device, dtype: StandInTransformer().to(device, dtype))
+    monkeypatch.setattr(gen, "load_text_encoder", lambda root, device, dtype: StandInTextEncoder())
+    monkeypatch.setattr(gen, "load_lyric_tokenizer", lambda vocab: StandInTokenizer())
+    monkeypatch.setattr(gen, "load_codec", lambda root, device: StandInCodec())
+    import pipeline.preview as preview
+
+    monkeypatch.setattr(preview, "load_codec", lambda root, device: StandInCodec())
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / "lyrics_vocab.json").write_text("{}")
+    return root
+
+
+FAST = SamplerSettings(steps=4)
+
+
+# ------------------------------------------------------------------------------ plumbing
+def test_generate_writes_wav_and_every_parameter(stand_ins, tmp_path):
+    out = generate(stand_ins, "synthwave, female vocals", "[verse]\nhello", duration=2.0, steps=4, seed=7,
+                   out=tmp_path / "song.wav", settings=FAST, progress=False)
+    assert out == tmp_path / "song.wav"
+    data, sr = sf.read(out)
+    assert sr == 48000 and data.shape[1] == 2
+    assert data.shape[0] == int(frames_for_duration(2.0) * 4096 * 48000 / 44100)
+    meta = json.loads(params_path(out).read_text())
+    assert params_path(out) == tmp_path / "song.json"
+    assert meta["prompt"] == "synthwave, female vocals" and meta["lyrics"] == "[verse]\nhello"
+    assert meta["seed"] == 7 and meta["steps"] == 4 and meta["guidance_scale"] == 15.0
+    assert meta["cfg_type"] == "apg" and meta["sampler"]["omega"] == 10.0
+    assert meta["lora"] is None and meta["latent_frames"] == frames_for_duration(2.0)
+    assert meta["sample_rate"] == 48000 and math.isclose(meta["duration_s"], data.shape[0] / 48000)
+    assert {"load_transformer_s", "encode_s", "sampling_s", "decode_s", "total_s"} <= set(meta["timings"])
+    assert "torch" in meta["versions"] and "diffusers" in meta["versions"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_generate_same_seed_same_audio(stand_ins, tmp_path):
+    a = generate(stand_ins, "p", "la la", 2.0, 4, seed=3, out=tmp_path / "a.wav", settings=FAST, progress=False)
+    b = generate(stand_ins, "p", "la la", 2.0, 4, seed=3, out=tmp_path / "b.wav", settings=FAST, progress=False)
+    c = generate(stand_ins, "p", "la la", 2.0, 4, seed=4, out=tmp_path / "c.wav", settings=FAST, progress=False)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_generate_user_errors(stand_ins, tmp_path):
+    with pytest.raises(ConfigError, match=r"\.wav"):
+        generate(stand_ins, "p", "", 2.0, 4, out=tmp_path / "song.mp3", settings=FAST)
+    with pytest.raises(ConfigError, match="duration"):
+        generate(stand_ins, "p", "", 0.0, 4, out=tmp_path / "song.wav", settings=FAST)
+    with pytest.raises(CheckpointError, match="--checkpoint"):
+        generate(tmp_path / "nowhere", "p", "", 2.0, 4, out=tmp_path / "song.wav", settings=FAST)
+    with pytest.raises(CheckpointError, match="--lyric-vocab"):
+        generate(stand_ins, "p", "", 2.0, 4, out=tmp_path / "s.wav", lyric_vocab=tmp_path / "no.json", settings=FAST)
+    with pytest.raises(CheckpointError, match="--lora"):
+        generate(stand_ins, "p", "", 2.0, 4, out=tmp_path / "s.wav", lora=tmp_path / "missing_lora", settings=FAST)
+
+
+def test_cli_generate(stand_ins, tmp_path):
+    from stages.cli import group
+
+    lyrics = tmp_path / "lyrics.txt"
+    lyrics.write_text("[chorus]\nsing along\n", encoding="utf-8")
+    out = tmp_path / "cli.wav"
+    result = CliRunner().invoke(group, [
+        "generate", "--checkpoint", str(stand_ins), "--prompt", "lofi, piano", "--lyrics", str(lyrics),
+        "--duration", "2", "--steps", "3", "--seed", "5", "--out", str(out), "--guidance", "7",
+        "--cfg-type", "cfg", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert (meta["steps"], meta["seed"], meta["guidance_scale"], meta["cfg_type"]) == (3, 5, 7.0, "cfg")
+    assert meta["lyrics"] == "[chorus]\nsing along" and meta["prompt"] == "lofi, piano"
+    assert out.exists()
+
+
+def test_cli_user_error_is_one_line(stand_ins, tmp_path, capsys):
+    from stages.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--checkpoint", str(stand_ins), "--prompt", "p", "--lyrics", str(tmp_path / "none.txt"),
+              "--out", str(tmp_path / "x.wav")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error:") and "--lyrics" in err and "\n" not in err
+
+
+def _batch(frames=(6, 4), keys=("songs/a", "b")):
+    g = torch.Generator().manual_seed(0)
+    T = max(frames)
+    mask = torch.zeros(len(frames), T)
+    for i, n in enumerate(frames):
+        mask[i, :n] = 1
+    return {
+        "latents": torch.randn(len(frames), 8, 16, T, generator=g),
+        "latent_mask": mask,
+        "text_states": torch.randn(len(frames), 5, 6, generator=g),
+        "text_mask": torch.ones(len(frames), 5, dtype=torch.long),
+        "speaker": torch.zeros(len(frames), 3),
+        "lyric_ids": torch.randint(0, 50, (len(frames), 9), generator=g),
+        "lyric_mask": torch.ones(len(frames), 9, dtype=torch.long),
+        "keys": list(keys),
+    }
+
+
+def test_preview_callback_writes_reference_files(stand_ins, tmp_path):
+    run = tmp_path / "run"
+    texts = {"b": ("rock, guitar", "[verse]\nyeah")}
+    cb = make_preview_callback(stand_ins, None, run, PreviewSettings(sampler=FAST, sample_index=1), texts=texts)
+    model = StandInTransformer()
+    model.train()
+    released = StandInCodec.released
+    folder = cb(model, _batch(), 20)
+    assert folder == run / "eval_results" / "step_20"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["key_prompt_lyric_b_0.txt", "pred_wav_b_0.wav", "target_wav_b_0.wav"]
+    target, sr = sf.read(folder / "target_wav_b_0.wav")
+    pred, _ = sf.read(folder / "pred_wav_b_0.wav")
+    assert sr == 48000 and target.shape == pred.shape == (int(4 * 4096 * 48000 / 44100), 2)  # own length
+    assert (folder / "key_prompt_lyric_b_0.txt").read_text() == preview_text("b", "rock, guitar", "[verse]\nyeah", 1234)
+    assert model.training  # the trainer's mode is left as it was
+    assert StandInCodec.released > released  # the codec did not outlive the preview
+
+
+def test_preview_callback_safe_file_names_and_missing_texts(stand_ins, tmp_path):
+    cb = make_preview_callback(stand_ins, None, tmp_path, FAST)
+    folder = cb(StandInTransformer(), _batch(), 0)
+    assert (folder / "pred_wav_songs_a_0.wav").exists()
+    assert "not given" in (folder / "key_prompt_lyric_songs_a_0.txt").read_text()
+
+
+def test_preview_callback_from_project(stand_ins, tmp_path):
+    from pipeline.config import ProjectConfig
+
+    project = ProjectConfig()
+    project.models.acestep = str(stand_ins)
+    project.paths.cache = str(tmp_path / "cache")  # no manifest yet: texts unknown
+    cb = make_preview_callback(project=project, run_dir=tmp_path / "run", settings=FAST)
+    assert cb(StandInTransformer(), _batch(), 2).parent == tmp_path / "run" / "eval_results"
+
+
+# ------------------------------------------------------------------------------ real tiny models
+def _tiny_checkpoint(root: Path) -> tuple[Path, Path]:
+    """Tiny random checkpoint in the real layout (+ a demo lyric vocabulary)."""
+    tiny_t = pytest.importorskip("pipeline.tiny.transformer")
+    tiny_c = pytest.importorskip("pipeline.tiny.codec")
+    tiny_x = pytest.importorskip("pipeline.tiny.text")
+    for mod in ("pipeline.models.transformer", "pipeline.models.codec", "pipeline.models.text_encoder",
+                "pipeline.text.lyrics", "pipeline.lora"):
+        pytest.importorskip(mod)
+    from pipeline.tiny.demo import TEXT_DIM, SPEAKER_DIM  # noqa: F401  (the widths the tiny parts share)
+
+    ckpt = root / "ACE-Step-v1-tiny"
+    tiny_t.save_tiny_transformer(ckpt / "ace_step_transformer")
+    tiny_c.save_tiny_codec(ckpt)
+    tiny_x.save_tiny_umt5(ckpt / "umt5-base")
+    vocab = root / "lyrics_vocab.json"
+    tiny_x.save_demo_lyric_vocab(vocab, ["hello world", "sing along with me"])
+    return ckpt, vocab
