@@ -30,8 +30,11 @@ from pipeline.models.mel import LogMelSpectrogram
 
 
 def _weight_from_g_v(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    norm = v.norm(dim=tuple(range(1, v.dim())), keepdim=True)
-    return v * (g / norm)
+    # The norm is taken in fp32 even for bf16 weights: a bf16 sum of squares over a whole
+    # 1024×1024×13 kernel loses enough precision to shift the weight's magnitude.
+    v32 = v.float()
+    norm = v32.norm(dim=tuple(range(1, v.dim())), keepdim=True)
+    return (v32 * (g.float() / norm)).to(v.dtype)
 
 
 class _WeightNorm:
