@@ -270,3 +270,54 @@ def test_cfg_type_cfg_differs_from_apg_and_training_mode_is_restored():
     b = sample(model, _cond(), SamplerSettings(steps=4, guidance_interval=1.0, cfg_type="cfg"), seeds=0, n_frames=3, progress=False)
     assert not torch.allclose(a, b)
     assert model.training
+
+
+# ------------------------------------------------------------------------------ real transformer
+def _golden_cond(golden):
+    inp = load_file(str(golden / "transformer_inputs.safetensors"))
+    cond = {
+        "text_states": inp["encoder_text_hidden_states"],
+        "text_mask": inp["text_attention_mask"],
+        "speaker": inp["speaker_embeds"],
+        "lyric_ids": inp["lyric_token_idx"],
+        "lyric_mask": inp["lyric_mask"],
+    }
+    return inp, cond
+
+
+def test_one_unguided_step_is_x_minus_velocity_of_real_transformer(golden):
+    mod = pytest.importorskip("pipeline.models.transformer")
+    model = mod.ACEStepTransformer2DModel.from_pretrained(golden / "ace_step_transformer", torch_dtype=torch.float32)
+    inp, cond = _golden_cond(golden)
+    batch, frames = inp["hidden_states"].shape[0], inp["hidden_states"].shape[-1]
+    got = sample(model, cond, SamplerSettings(steps=1, guidance_scale=1.0, omega=0.0), seeds=[0, 1],
+                 n_frames=frames, progress=False)
+    noise = make_noise(frames, seeds=[0, 1])
+    with torch.no_grad():
+        v = model(hidden_states=noise, attention_mask=torch.ones(batch, frames),
+                  encoder_text_hidden_states=cond["text_states"], text_attention_mask=cond["text_mask"],
+                  speaker_embeds=cond["speaker"], lyric_token_idx=cond["lyric_ids"], lyric_mask=cond["lyric_mask"],
+                  timestep=torch.full((batch,), 1000.0)).sample
+    assert max_rel(got, noise - v) <= TOL
+
+
+def test_erg_hooks_reach_real_module_names(golden):
+    """A random model as deep as the released one (24 DiT blocks, 6 lyric blocks) at tiny width:
+    the ERG hooks find their modules and change the guided result."""
+    import json
+
+    mod = pytest.importorskip("pipeline.models.transformer")
+    config = json.loads((golden / "ace_step_transformer" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config.update(num_layers=24, lyric_encoder_num_blocks=6)
+    torch.manual_seed(0)
+    model = mod.ACEStepTransformer2DModel(**config).eval()
+    assert len(erg_diffusion_modules(model)) == 10 and len(erg_lyric_modules(model)) == 2
+    _, cond = _golden_cond(golden)
+    cond = {k: v[:1] for k, v in cond.items()}
+    base = SamplerSettings(steps=2, guidance_interval=1.0, use_erg_diffusion=False)
+    plain = sample(model, cond, base, seeds=0, n_frames=6, progress=False)
+    erg_d = sample(model, cond, base.replace(use_erg_diffusion=True), seeds=0, n_frames=6, progress=False)
+    erg_l = sample(model, cond, base.replace(use_erg_lyric=True), seeds=0, n_frames=6, progress=False)
+    assert not torch.allclose(plain, erg_d) and not torch.allclose(plain, erg_l)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0

@@ -97,10 +97,8 @@ def load_codec(checkpoint_root: Path, device: torch.device):
     rounding in the vocoder."""
     from pipeline.models.codec import MusicDCAE
 
-    require_part(checkpoint_root, "music_dcae_f8c8")
-    require_part(checkpoint_root, "music_vocoder")
-    codec = MusicDCAE.from_checkpoint(Path(checkpoint_root))
-    return _to(codec, device, torch.float32)
+    # No offloading: the codec is loaded for one decode and released right after.
+    return MusicDCAE.from_checkpoint(Path(checkpoint_root), dtype=torch.float32, device=device, offload=False)
 
 
 def _to(module, device, dtype):
@@ -143,6 +141,9 @@ def find_lyric_vocab(checkpoint_root: Path, lyric_vocab: str | Path | None) -> P
 
 def tokenize_lyrics(tokenizer, lyrics: str) -> tuple[list[int], list[int]]:
     """Lyric ids and mask; empty lyrics are [0] with mask [0] as in the reference pipeline."""
+    if hasattr(tokenizer, "ids_and_mask"):
+        ids, mask = tokenizer.ids_and_mask(lyrics)
+        return list(ids), list(mask)
     if not lyrics.strip():
         return [0], [0]
     ids = list(tokenizer.tokenize(lyrics))
