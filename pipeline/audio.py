@@ -6,6 +6,9 @@ FLAC and Ogg with no system package, and it was the fastest reader measured on t
 and needs the FFmpeg shared libraries installed on the system (STACK.md pitfalls 2 and 3).
 Resampling still uses torchaudio (`torchaudio.functional.resample`), which needs no FFmpeg.
 
+torch is imported only inside the functions that return tensors, so scanning a dataset
+(`aceturbo ingest`, `import-zip`, `--help`) does not wait seconds for it.
+
 Every failure to read a file (missing, empty, corrupt, truncated, unsupported) raises
 `AudioDecodeError` with the file name and the reason, so a bad song never crashes a stage with a
 C-library traceback.
@@ -17,12 +20,15 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
-import torch
 
 from pipeline.errors import AudioDecodeError
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_RATE = 48000  # ACE-Step's codec works on 48 kHz stereo (spec §3)
 CHANNELS = 2
@@ -158,6 +164,8 @@ def read_audio(path: str | Path) -> DecodedAudio:
 
 def to_model_audio(decoded: DecodedAudio) -> torch.Tensor:
     """Stereo float32 [2, N] at SAMPLE_RATE in [-1, 1] from a decoded file."""
+    import torch
+
     wav = torch.from_numpy(decoded.samples)
     if wav.shape[0] == 1:
         wav = wav.expand(CHANNELS, -1)  # mono: the same signal on both sides
@@ -178,19 +186,23 @@ def load_audio(path: str | Path) -> torch.Tensor:
 
 def pad_to_min(wav: torch.Tensor, seconds: float = 3.0, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Pad [C, N] with trailing silence to at least `seconds` (short clips are accepted, spec'd in RULES)."""
+    import torch
+
     need = int(round(seconds * sample_rate)) - wav.shape[-1]
     if need <= 0:
         return wav
     return torch.nn.functional.pad(wav, (0, need))
 
 
-def save_audio(path: str | Path, wav: torch.Tensor | np.ndarray, sample_rate: int, subtype: str | None = None) -> Path:
+def save_audio(path: str | Path, wav: "torch.Tensor | np.ndarray", sample_rate: int, subtype: str | None = None) -> Path:
     """Write [C, N] audio atomically; the format follows the extension (.wav/.flac/.ogg/.mp3)."""
     path = Path(path)
     fmt = AUDIO_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise AudioDecodeError(f"{path}: cannot write {path.suffix!r}; use one of {', '.join(AUDIO_EXTENSIONS)}")
-    data = wav.detach().cpu().float().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav, dtype=np.float32)
+    if hasattr(wav, "detach"):  # a torch tensor (checked without importing torch)
+        wav = wav.detach().cpu().float().numpy()
+    data = np.asarray(wav, dtype=np.float32)
     if data.ndim == 1:
         data = data[None]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +217,7 @@ def save_audio(path: str | Path, wav: torch.Tensor | np.ndarray, sample_rate: in
     return path
 
 
-def save_wav(path: str | Path, wav: torch.Tensor | np.ndarray, sr: int, subtype: str = "PCM_16") -> Path:
+def save_wav(path: str | Path, wav: "torch.Tensor | np.ndarray", sr: int, subtype: str = "PCM_16") -> Path:
     """Write [C, N] audio as a WAV file atomically (16-bit PCM unless `subtype` says otherwise)."""
     path = Path(path)
     if path.suffix.lower() != ".wav":
