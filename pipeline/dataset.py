@@ -99,7 +99,8 @@ class ScanReport:
             return
         if len(self.problems) == 1:
             raise DatasetError(self.problems[0])
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        # Sorted: each line starts with its file, so a song's problems end up together.
+        lines = "\n".join(f"  - {p}" for p in sorted(self.problems))
         raise DatasetError(
             f"{len(self.problems)} problems in {self.data_dir} (rules: `aceturbo ingest --help`); "
             f"fix them all, then rerun ingest:\n{lines}"

@@ -172,7 +172,7 @@ def import_zip(
         plan, skipped = _plan(zip_path, zf, limits)
 
         targets = [(info, data_dir.joinpath(*rel.parts)) for info, rel in plan]
-        existing = [t for _, t in targets if t.exists() or t.is_symlink()]
+        existing = sorted(t for _, t in targets if t.exists() or t.is_symlink())
         if existing and not overwrite:
             shown = ", ".join(str(t) for t in existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
             raise ZipImportError(
