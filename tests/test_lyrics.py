@@ -1,0 +1,156 @@
+"""The VoiceBPE lyric tokenizer (spec §4.3) against the reference's token ids.
+
+The real vocabulary is read from ../shared/spec/lyrics-vocab.json (users point at their own
+copy of ACE-Step's vocab.json; it is not shipped with the project).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import AceTurboError, CheckpointError
+from pipeline.text.cleaners import chinese_number, clean_line
+from pipeline.text.langdetect import detect_line_language
+from pipeline.text.lyrics import MAX_LYRIC_TOKENS, LyricTokenizer, truncate_lyric_ids
+from pipeline.tiny.text import save_demo_lyric_vocab
+
+# The one golden whole-lyrics case our detector is known to disagree with: the reference's
+# segmenter (LangSegment) calls the short line "We sing all night" Italian; py3langid itself,
+# on the line or any part of it, says English, so we tag it [en].
+KNOWN_DETECTION_DIFFERENCES = {"We sing all night"}
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    from conftest import shared_path
+
+    return LyricTokenizer(shared_path("spec", "lyrics-vocab.json"))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from conftest import shared_path
+
+    return json.loads(shared_path("golden", "acestep_tiny", "lyrics_tokens.json").read_text(encoding="utf-8"))
+
+
+def test_special_ids_from_the_vocab(real_tokenizer):
+    t = real_tokenizer
+    assert (t.stop_id, t.unk_id, t.space_id, t.start_id) == (0, 1, 2, 261)
+    assert t.vocab_size == 6693
+    assert t.token_id("[zh-cn]") == 5023 and t.token_id("[chorus]") == 6684
+
+
+def test_line_cases_match_exactly(real_tokenizer, reference):
+    for case in reference["line_cases"]:
+        assert real_tokenizer.encode(case["text"], case["lang"]) == case["ids"], case["text"]
+
+
+def test_whole_lyrics_cases(real_tokenizer, reference):
+    matched, differing = 0, []
+    for case in reference["cases"]:
+        got = real_tokenizer.tokenize(case["lyrics"])
+        if got == case["ids"]:
+            matched += 1
+        else:
+            differing.append(case["lyrics"])
+    print(f"\nwhole-lyrics cases matching the reference: {matched}/{len(reference['cases'])}")
+    for lyrics in differing:
+        assert any(line in lyrics for line in KNOWN_DETECTION_DIFFERENCES), f"unexplained difference: {lyrics!r}"
+    assert matched >= len(reference["cases"]) - len(KNOWN_DETECTION_DIFFERENCES)
+
+
+def test_known_difference_is_only_the_language_tag(real_tokenizer, reference):
+    case = next(c for c in reference["cases"] if "We sing all night" in c["lyrics"])
+    got = real_tokenizer.tokenize(case["lyrics"])
+    assert len(got) == len(case["ids"])
+    diff = [(g, w) for g, w in zip(got, case["ids"]) if g != w]
+    assert diff == [(real_tokenizer.token_id("[en]"), real_tokenizer.token_id("[it]"))]
+
+
+def test_assembly_rules(real_tokenizer):
+    t = real_tokenizer
+    # Empty text: [START] + the empty line's [SPACE], as the reference tokenizer function gives.
+    assert t.tokenize("") == [261, 2]
+    # The pipeline's null lyrics: [STOP] with mask 0.
+    assert t.ids_and_mask("") == ([0], [0]) and t.ids_and_mask("  \n ") == ([0], [0])
+    ids, mask = t.ids_and_mask("[chorus]\nla la la")
+    assert ids[:4] == [261, 259, 6684, 2] and mask == [1] * len(ids) and ids[-1] == 2
+    # Section tags are encoded as English even inside non-English lyrics.
+    assert t.tokenize("[verse]\n你好世界")[:3] == [261, 259, 6683]
+    # Empty lines become a lone [SPACE].
+    assert t.tokenize("a\n\nb").count(2) == 3  # after a, the empty line, after b
+
+
+def test_truncation_helper(real_tokenizer):
+    assert MAX_LYRIC_TOKENS == 4096
+    long = "\n".join(["we sing all night long under the stars"] * 600)
+    ids = real_tokenizer.tokenize(long)
+    assert len(ids) > MAX_LYRIC_TOKENS
+    assert truncate_lyric_ids(ids) == ids[:4096]
+    assert len(real_tokenizer.ids_and_mask(long, max_tokens=4096)[0]) == 4096
+
+
+def test_cleaners():
+    assert clean_line("I was 1st, paid $5 & 3.5% of 1,000", "en") == (
+        "i was first, paid five dollars and three point five percent of one thousand")
+    assert clean_line('He said "hi"   there', "en") == "he said hi there"
+    assert clean_line("Ich habe 2,5 Euro", "de") == "ich habe zwei komma fünf euro"
+    assert clean_line("我有10个梦想，", "zh") == "wo3you3shi2ge4meng4xiang3,"
+    assert clean_line("사랑해", "ko") == "salanghae"
+    assert clean_line("नमस्ते", "hi") == "नमस्ते"
+    assert [chinese_number(n) for n in (0, 12, 105, 1001, 20000)] == ["零", "十二", "一百零五", "一千零一", "二万"]
+
+
+def test_japanese_fallback_without_cutlet(monkeypatch):
+    import pipeline.text.cleaners as cleaners
+
+    assert clean_line("こんにちは", "ja") == "konnichiha"
+    monkeypatch.setattr(cleaners, "_cutlet", lambda: None)
+    assert clean_line("こんにちは ABC", "ja") == "こんにちは abc"
+
+
+def test_line_language_detection():
+    assert detect_line_language("Привет мир") == "ru"
+    assert detect_line_language("안녕하세요") == "ko"
+    assert detect_line_language("東京タワー") == "ja"
+    assert detect_line_language("我爱音乐") == "zh"
+    assert detect_line_language("Ich liebe dich so sehr mein Schatz") == "de"
+    assert detect_line_language("Je t'aime mon amour pour toujours") == "fr"
+    assert detect_line_language("12345 !!!") == "en"
+
+
+def test_vocab_errors(tmp_path):
+    with pytest.raises(CheckpointError, match=r"lyric vocabulary not found at .*nope\.json.*lyrics_utils/vocab\.json"):
+        LyricTokenizer(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"bad\.json.*not a tokenizers JSON"):
+        LyricTokenizer(bad)
+    from tokenizers import Tokenizer, models
+
+    plain = tmp_path / "plain.json"
+    Tokenizer(models.BPE(unk_token="<unk>")).save(str(plain))
+    with pytest.raises(AceTurboError, match=r"plain\.json.*lacks the special tokens"):
+        LyricTokenizer(plain)
+
+
+def test_demo_vocab(tmp_path):
+    corpus = ["[verse]\nHello world, I have 3 cats\n[chorus]\nLa la la, we sing all night\n你好世界"]
+    path = tmp_path / "lyrics_vocab.json"
+    size = save_demo_lyric_vocab(path, corpus)
+    t = LyricTokenizer(path)
+    assert t.vocab_size == size and size < 1000
+    assert (t.stop_id, t.unk_id, t.space_id, t.start_id) == (0, 1, 2, 3)
+    for tag in ("[en]", "[zh-cn]", "[ko]", "[hi]", "[verse]", "[pre-chorus]", "[break]"):
+        assert t.token_id(tag) is not None, tag
+    ids = t.tokenize(corpus[0])
+    assert ids[0] == t.start_id and max(ids) < size
+    assert t.unk_id not in ids  # the corpus itself encodes without unknowns
+    assert ids[1:3] == [t.token_id("[en]"), t.token_id("[verse]")]
+    # Text outside the corpus still encodes (ASCII alphabet is in the vocab).
+    assert t.unk_id not in t.tokenize("quick brown fox 42")
+    # Deterministic file.
+    save_demo_lyric_vocab(tmp_path / "again.json", corpus)
+    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
