@@ -96,10 +96,15 @@ def make_sample(features: SongFeatures, rng: random.Random, max_seconds: float) 
             "lyric_ids": features.lyric_ids, "mert": features.mert, "mhubert": features.mhubert}
 
 
-def collate(samples: list[dict], speaker_dim: int = 512, dtype: torch.dtype = torch.float32) -> dict:
-    """Samples (from ``make_sample``) -> the batch layout in this module's docstring."""
+def collate(samples: list[dict], speaker_dim: int = 512, dtype: torch.dtype | None = None) -> dict:
+    """Samples (from ``make_sample``) -> the batch layout in this module's docstring.
+
+    ``dtype`` of the float tensors; None keeps the samples' own (bfloat16 from the cache). Casting
+    the SSL targets to float32 costs more than reading them, so only ask for it when needed.
+    """
     if not samples:
         raise ValueError("collate needs at least one sample")
+    dtype = dtype or samples[0]["latents"].dtype
     size = len(samples)
     t_max = max(s["latents"].shape[-1] for s in samples)
     l_txt = max(s["text_states"].shape[0] for s in samples)

@@ -59,6 +59,7 @@ def cache_dir(tmp_path_factory):
 
 
 def frame_of(values: torch.Tensor) -> torch.Tensor:
+    values = values.float()  # bf16 cannot hold the sum
     return (values[..., 0] + 256 * values[..., 1]).long()
 
 
@@ -86,8 +87,9 @@ def test_batch_layout(cache_dir):
     batch = next(iter(make_loader(cache_dir, settings(batch_size=3, max_seconds=240.0, speaker_dim=512))))
     assert len(batch["keys"]) == 3
     b, t = 3, batch["latents"].shape[-1]
-    assert batch["latents"].shape == (b, 8, 16, t) and batch["latents"].dtype == torch.float32
-    assert batch["latent_mask"].shape == (b, t) and batch["latent_mask"].dtype == torch.float32
+    assert batch["latents"].shape == (b, 8, 16, t) and batch["latents"].dtype == torch.bfloat16
+    assert batch["latent_mask"].shape == (b, t) and batch["latent_mask"].dtype == torch.bfloat16
+    assert batch["mert"][0].dtype == torch.bfloat16
     assert batch["text_states"].shape[0] == b and batch["text_states"].shape[2] == 4
     assert batch["text_mask"].dtype == torch.long and batch["text_mask"].shape == batch["text_states"].shape[:2]
     assert batch["speaker"].shape == (b, 512) and not batch["speaker"].any()
@@ -101,14 +103,18 @@ def test_batch_layout(cache_dir):
         assert int(batch["lyric_mask"][i].sum()) == int((batch["lyric_ids"][i] > 0).sum())
 
 
-def test_collate_pads_and_masks():
+def test_collate_pads_and_masks(cache_dir):
     a, b = timed_song("a", 10), timed_song("bbbb", 14)
     samples = [make_sample(a, random.Random(0), 240.0), make_sample(b, random.Random(1), 240.0)]
-    batch = collate(samples, speaker_dim=7, dtype=torch.bfloat16)
-    assert batch["latents"].shape == (2, 8, 16, 14) and batch["latents"].dtype == torch.bfloat16
+    batch = collate(samples, speaker_dim=7)
+    assert batch["latents"].shape == (2, 8, 16, 14) and batch["latents"].dtype == torch.float32
+    assert batch["mert"][1].dtype == torch.float32 and batch["text_states"].dtype == torch.float32
     assert batch["latent_mask"].tolist()[0] == [1.0] * 10 + [0.0] * 4
     assert batch["lyric_mask"].sum(1).tolist() == [4, 7]
     assert batch["speaker"].shape == (2, 7)
+    wide = next(iter(make_loader(cache_dir, settings(dtype="float32"))))
+    assert all(wide[n].dtype == torch.float32 for n in ("latents", "latent_mask", "text_states", "speaker"))
+    assert wide["mhubert"][0].dtype == torch.float32
 
 
 def test_choose_variant_trims_padding_and_covers_all():
