@@ -10,10 +10,17 @@ recaptions at all - the normal case - it is a struct with no fields, which `save
 IPC files) accepts and `datasets.load_from_disk` gives back as `{}` for every row, exactly what the
 official dataset holds. (Parquet could not store it; `save_to_disk` does not use Parquet.)
 
+Compatibility with older `datasets`: datasets >= 4 writes list columns as `"_type": "List"`, which
+datasets 3.x (the official trainer pins 3.4.1) cannot read ("Feature type 'List' not found"). So
+after saving, the feature descriptions (dataset_info.json and the copy in each .arrow file's schema
+metadata) are rewritten with the older equivalent `"_type": "Sequence"`, which every version reads;
+the data itself is untouched.
+
 `datasets` is imported only inside the functions: it is heavy and only this export needs it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -58,6 +65,39 @@ def _features(rows: list[dict]):
     )
 
 
+def _legacy_features(node):
+    """Feature JSON with every `List` written as the equivalent `Sequence` (readable by datasets 2-5)."""
+    if isinstance(node, dict):
+        node = {key: _legacy_features(value) for key, value in node.items()}
+        if node.get("_type") == "List":
+            node["_type"] = "Sequence"
+        return node
+    if isinstance(node, list):
+        return [_legacy_features(value) for value in node]
+    return node
+
+
+def _write_legacy_features(folder: Path) -> None:
+    """Rewrite the feature descriptions of a save_to_disk folder in place (see module docstring)."""
+    import pyarrow as pa
+
+    info_path = folder / "dataset_info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info_path.write_text(json.dumps(_legacy_features(info), indent=2, sort_keys=True), encoding="utf-8")
+    for arrow_path in sorted(folder.glob("*.arrow")):
+        with pa.memory_map(str(arrow_path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        metadata = dict(table.schema.metadata or {})
+        if b"huggingface" in metadata:
+            hf = _legacy_features(json.loads(metadata[b"huggingface"]))
+            metadata[b"huggingface"] = json.dumps(hf).encode("utf-8")
+        table = table.replace_schema_metadata(metadata)
+        rewritten = arrow_path.with_suffix(".arrow.tmp")
+        with pa.OSFile(str(rewritten), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(rewritten, arrow_path)
+
+
 def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
 
@@ -91,6 +131,7 @@ def export_hf_dataset(songs: list[Song], data_dir: str | Path, output: str | Pat
     old = staging.with_name(staging.name + "-old")
     try:
         dataset.save_to_disk(str(staging / "ds"))
+        _write_legacy_features(staging / "ds")
         if output.exists():
             os.replace(output, old)  # a folder cannot be os.replace'd onto a non-empty one
         os.replace(staging / "ds", output)

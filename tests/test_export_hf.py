@@ -85,3 +85,19 @@ def test_cli_export_hf(tmp_path):
     assert "4 rows" in result.output and len(datasets.load_from_disk(str(out))) == 4
     bad = CliRunner().invoke(group, ["export-hf", "--manifest", str(tmp_path / "none.jsonl"), "--output", str(out)])
     assert isinstance(bad.exception, DatasetError) and "\n" not in str(bad.exception)
+
+
+def test_features_readable_by_datasets_3(tmp_path):
+    """datasets 3.x (the official trainer's pin) knows `Sequence` but not datasets 4+'s `List`."""
+    import json
+
+    import pyarrow as pa
+
+    data = tmp_path / "data"
+    out = export_hf_dataset(_songs(data), data, tmp_path / "hf")
+    info = (out / "dataset_info.json").read_text(encoding="utf-8")
+    assert '"List"' not in info and json.loads(info)["features"]["tags"]["_type"] == "Sequence"
+    for arrow in out.glob("*.arrow"):
+        with pa.memory_map(str(arrow)) as source:
+            assert b'"List"' not in pa.ipc.open_stream(source).schema.metadata[b"huggingface"]
+    assert datasets.load_from_disk(str(out))[0]["tags"] == ["pop", "120 bpm"]
