@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -221,20 +222,104 @@ def test_preview_callback_from_project(stand_ins, tmp_path):
 
 
 # ------------------------------------------------------------------------------ real tiny models
-def _tiny_checkpoint(root: Path) -> tuple[Path, Path]:
-    """Tiny random checkpoint in the real layout (+ a demo lyric vocabulary)."""
-    tiny_t = pytest.importorskip("pipeline.tiny.transformer")
-    tiny_c = pytest.importorskip("pipeline.tiny.codec")
-    tiny_x = pytest.importorskip("pipeline.tiny.text")
-    for mod in ("pipeline.models.transformer", "pipeline.models.codec", "pipeline.models.text_encoder",
-                "pipeline.text.lyrics", "pipeline.lora"):
-        pytest.importorskip(mod)
-    from pipeline.tiny.demo import TEXT_DIM, SPEAKER_DIM  # noqa: F401  (the widths the tiny parts share)
+LYRICS = "[verse]\nhello world\nsing along with me\n\n[chorus]\nla la la"
 
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint in the real layout (+ a demo lyric vocabulary), built once."""
+    for mod in ("pipeline.tiny.transformer", "pipeline.tiny.codec", "pipeline.tiny.text",
+                "pipeline.models.transformer", "pipeline.models.codec", "pipeline.models.text_encoder",
+                "pipeline.text.lyrics"):
+        pytest.importorskip(mod)
+    from pipeline.tiny.codec import save_tiny_codec
+    from pipeline.tiny.text import save_demo_lyric_vocab, save_tiny_umt5
+    from pipeline.tiny.transformer import save_tiny_transformer
+
+    root = tmp_path_factory.mktemp("tiny")
     ckpt = root / "ACE-Step-v1-tiny"
-    tiny_t.save_tiny_transformer(ckpt / "ace_step_transformer")
-    tiny_c.save_tiny_codec(ckpt)
-    tiny_x.save_tiny_umt5(ckpt / "umt5-base")
-    vocab = root / "lyrics_vocab.json"
-    tiny_x.save_demo_lyric_vocab(vocab, ["hello world", "sing along with me"])
-    return ckpt, vocab
+    vocab = root / "lyrics_vocab.json"  # beside the checkpoint: found without --lyric-vocab
+    vocab_size = save_demo_lyric_vocab(vocab, [LYRICS])
+    save_tiny_umt5(ckpt / "umt5-base", d_model=12)
+    save_tiny_codec(ckpt)
+    save_tiny_transformer(ckpt / "ace_step_transformer", text_embedding_dim=12, lyric_vocab_size=vocab_size)
+    return ckpt
+
+
+def test_generate_end_to_end_on_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    settings = SamplerSettings(steps=3, guidance_interval=1.0)
+    # Short clips: the tiny codec still decodes at real audio rates (seconds per second on a CPU).
+    out = generate(tiny_checkpoint, "synthwave, female vocals", LYRICS, duration=0.5, steps=3, seed=1,
+                   out=tmp_path / "a.wav", settings=settings, progress=False)
+    data, sr = sf.read(out)
+    assert sr == 48000 and data.ndim == 2 and data.shape[1] == 2
+    assert abs(data.shape[0] - frames_for_duration(0.5) * 4096 * 48000 / 44100) <= 2
+    assert np.isfinite(data).all()
+    meta = json.loads(params_path(out).read_text())
+    assert meta["lyric_tokens"] > 5 and meta["dtype"] == "float32" and meta["device"] == "cpu"
+    again = generate(tiny_checkpoint, "synthwave, female vocals", LYRICS, duration=0.5, steps=3, seed=1,
+                     out=tmp_path / "b.wav", settings=settings, progress=False)
+    assert out.read_bytes() == again.read_bytes()  # deterministic per seed
+
+
+def _tiny_lora(tiny_checkpoint, folder: Path, r=4, alpha=32.0, rslora=True) -> Path:
+    lora = pytest.importorskip("pipeline.lora")
+    from pipeline.models.transformer import ACEStepTransformer2DModel
+
+    model = ACEStepTransformer2DModel.from_pretrained(tiny_checkpoint / "ace_step_transformer")
+    settings = lora.LoraSettings(r=r, alpha=alpha, use_rslora=rslora)
+    lora.apply_lora(model, settings)
+    with torch.no_grad():  # B starts at zero: give the adapter an effect
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return Path(lora.save_lora(model, folder, settings))
+
+
+@pytest.mark.parametrize("rslora", [True, False])
+def test_lora_is_applied_at_its_trained_scale(tiny_checkpoint, tmp_path, rslora):
+    lora_dir = _tiny_lora(tiny_checkpoint, tmp_path / "epoch=0-step=1_lora", rslora=rslora)  # the file form
+    dev = torch.device("cpu")
+    model = gen.load_transformer(tiny_checkpoint, dev, torch.float32)
+    info = gen.apply_lora(model, lora_dir, 0.5)
+    expected = 32.0 / math.sqrt(4) if rslora else 32.0 / 4
+    assert math.isclose(info["trained_scale"], expected) and math.isclose(info["effective_scale"], 0.5 * expected)
+    scalings = {m.scaling["ace_step_lora"] for m in model.modules() if hasattr(m, "scaling") and "ace_step_lora" in m.scaling}
+    assert scalings and all(math.isclose(s, 0.5 * expected) for s in scalings)
+
+
+def test_cli_generate_with_lora_end_to_end(tiny_checkpoint, tmp_path):
+    from stages.cli import group
+
+    lora_dir = _tiny_lora(tiny_checkpoint, tmp_path / "epoch=0-step=1_lora").parent  # the folder form
+    lyrics = tmp_path / "lyrics.txt"
+    lyrics.write_text(LYRICS, encoding="utf-8")
+    args = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "synthwave", "--lyrics", str(lyrics),
+            "--duration", "0.4", "--steps", "3", "--seed", "9", "--device", "cpu"]
+    runner = CliRunner()
+    with_lora = runner.invoke(group, args + ["--lora", str(lora_dir), "--lora-weight", "1.5", "--out", str(tmp_path / "l.wav")])
+    assert with_lora.exit_code == 0, with_lora.output
+    meta = json.loads((tmp_path / "l.json").read_text())
+    assert meta["lora_weight"] == 1.5 and math.isclose(meta["lora_effective_scale"], 1.5 * 32 / 2)
+    assert meta["lora_path"] == str(lora_dir.resolve())
+    plain = runner.invoke(group, args + ["--out", str(tmp_path / "p.wav")])
+    assert plain.exit_code == 0, plain.output
+    assert (tmp_path / "l.wav").read_bytes() != (tmp_path / "p.wav").read_bytes()
+
+
+def test_preview_on_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    from pipeline.models.transformer import ACEStepTransformer2DModel
+
+    model = ACEStepTransformer2DModel.from_pretrained(tiny_checkpoint / "ace_step_transformer")
+    model.train()
+    batch = _batch(frames=(3, 2))
+    batch["text_states"] = torch.randn(2, 5, 12)
+    batch["speaker"] = torch.zeros(2, 8)
+    batch["lyric_ids"] = batch["lyric_ids"] % 10
+    cb = make_preview_callback(tiny_checkpoint, None, tmp_path, SamplerSettings(steps=2))
+    folder = cb(model, batch, 0)
+    target, sr = sf.read(folder / "target_wav_songs_a_0.wav")
+    pred, _ = sf.read(folder / "pred_wav_songs_a_0.wav")
+    assert sr == 48000 and target.shape == pred.shape and abs(target.shape[0] - 3 * 4096 * 48000 / 44100) <= 2
+    assert model.training

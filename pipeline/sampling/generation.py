@@ -81,15 +81,14 @@ def load_transformer(checkpoint_root: Path, device: torch.device, dtype: torch.d
 
     folder = require_part(checkpoint_root, "ace_step_transformer")
     model = ACEStepTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()  # dtype already set by from_pretrained
 
 
 def load_text_encoder(checkpoint_root: Path, device: torch.device, dtype: torch.dtype):
     from pipeline.models.text_encoder import UMT5TextEncoder
 
     folder = require_part(checkpoint_root, "umt5-base")
-    encoder = UMT5TextEncoder.from_folder(folder)
-    return _to(encoder, device, dtype)
+    return UMT5TextEncoder.from_folder(folder, dtype=dtype, device=device)
 
 
 def load_codec(checkpoint_root: Path, device: torch.device):
@@ -99,17 +98,6 @@ def load_codec(checkpoint_root: Path, device: torch.device):
 
     # No offloading: the codec is loaded for one decode and released right after.
     return MusicDCAE.from_checkpoint(Path(checkpoint_root), dtype=torch.float32, device=device, offload=False)
-
-
-def _to(module, device, dtype):
-    if isinstance(module, torch.nn.Module):
-        module = module.to(device=device, dtype=dtype)
-        module.eval()
-        return module
-    if hasattr(module, "to"):
-        moved = module.to(device=device, dtype=dtype)
-        return module if moved is None else moved
-    return module
 
 
 def load_lyric_tokenizer(vocab: Path):
