@@ -55,11 +55,12 @@ def crop_song(features: SongFeatures, start_frame: int, n_frames: int) -> SongFe
     start = max(0, min(int(start_frame), total))
     stop = max(start, min(start + int(n_frames), total))
     t0, t1 = start / LATENT_RATE, stop / LATENT_RATE
-    changes: dict = {"latents": features.latents[..., start:stop]}
+    # Copies, not views: a view would keep (and ship from a DataLoader worker) the whole song.
+    changes: dict = {"latents": features.latents[..., start:stop].clone()}
     if features.mert is not None:
-        changes["mert"] = features.mert[_frame_span(t0, t1, MERT_RATE, features.mert.shape[0])]
+        changes["mert"] = features.mert[_frame_span(t0, t1, MERT_RATE, features.mert.shape[0])].clone()
     if features.mhubert is not None:
-        changes["mhubert"] = features.mhubert[_frame_span(t0, t1, MHUBERT_RATE, features.mhubert.shape[0])]
+        changes["mhubert"] = features.mhubert[_frame_span(t0, t1, MHUBERT_RATE, features.mhubert.shape[0])].clone()
     return features.replace(**changes)
 
 
