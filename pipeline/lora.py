@@ -382,10 +382,12 @@ def load_lora(
                         f"the model needs {tuple(holder.weight.shape)}; was it trained for another model?"
                     )
                 holder.weight.copy_(source.to(holder.weight.dtype))
-                holder.weight.requires_grad_(False)
             # Set the trained scale explicitly (not via peft's set_scale, whose rsLoRA handling
             # changed across versions): weight × alpha/sqrt(r) or weight × alpha/r.
             r = module.r[adapter_name]
             module.scaling[adapter_name] = weight * settings.alpha / (math.sqrt(r) if settings.use_rslora else r)
     model.set_adapter(adapter_name)
+    # peft's set_adapter marks the active adapter trainable; a loaded LoRA is for inference.
+    for p in lora_parameters(model, adapter_name):
+        p.requires_grad_(False)
     return settings
