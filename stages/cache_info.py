@@ -5,8 +5,9 @@ import json
 
 import click
 
-from cache.shards import DEFAULT_CACHE_FOLDER
 from pipeline.errors import CacheError
+
+# cache.* pulls in torch and zarr: imported inside the commands so `aceturbo --help` stays fast.
 
 
 def cache_summary(folder) -> dict:
@@ -58,10 +59,12 @@ def cli():
 
 
 @cli.command("info")
-@click.option("--cache", "cache_dir", default=DEFAULT_CACHE_FOLDER, show_default=True,
-              help="Cache folder or fsspec URL.")
+@click.option("--cache", "cache_dir", default=None,
+              help="Cache folder or fsspec URL  [default: workspace/cache/features].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(cache_dir: str, as_json: bool):
     """Songs, minutes of audio, bytes and MB per minute per stream, fingerprints, schema version."""
-    summary = cache_summary(cache_dir)
+    from cache.shards import DEFAULT_CACHE_FOLDER
+
+    summary = cache_summary(cache_dir or DEFAULT_CACHE_FOLDER)
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
