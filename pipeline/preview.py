@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 
 from pipeline.sampling.generation import OUTPUT_SAMPLE_RATE, load_codec, load_text_encoder, release
-from pipeline.sampling.sampler import SamplerSettings, sample
+from pipeline.sampling.sampler import SamplerSettings, sample, unwrap
 
 PreviewCallback = Callable[[torch.nn.Module, dict, int], Path]
 
@@ -124,6 +124,7 @@ def make_preview_callback(
     del lyric_vocab  # see the docstring
 
     def callback(transformer: torch.nn.Module, batch: dict, step: int) -> Path:
+        transformer = unwrap(transformer)
         param = next(transformer.parameters())
         device, dtype = param.device, param.dtype
         latents = batch["latents"]

@@ -24,9 +24,29 @@ def _read_lyrics(path: str | None) -> str:
         raise ConfigError(f"cannot read lyrics file '{p}' ({exc.strerror}); check the --lyrics path") from None
 
 
+def _defaults(checkpoint: str | None, lyric_vocab: str | None, params_path: str) -> tuple[str, str | None]:
+    """Fill --checkpoint / --lyric-vocab from params.yaml when they are not given."""
+    if checkpoint is not None and lyric_vocab is not None:
+        return checkpoint, lyric_vocab
+    from pipeline.config import load_params
+
+    models = load_params(params_path).models
+    if checkpoint is None:
+        checkpoint = models.acestep
+    if lyric_vocab is None:
+        root = Path(checkpoint)
+        beside = [root / "lyrics_vocab.json", root.parent / "lyrics_vocab.json"]
+        if not any(p.is_file() for p in beside) and Path(models.lyric_vocab).is_file():
+            lyric_vocab = models.lyric_vocab
+    return checkpoint, lyric_vocab
+
+
 @click.command("generate")
-@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(),
-              help="ACE-Step-v1-3.5B folder (ace_step_transformer/, music_dcae_f8c8/, music_vocoder/, umt5-base/).")
+@click.option("--checkpoint", "checkpoint", default=None, type=click.Path(),
+              help="ACE-Step-v1-3.5B folder (ace_step_transformer/, music_dcae_f8c8/, music_vocoder/, umt5-base/) "
+                   "[default: params.yaml models.acestep].")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="Project settings, read only for the defaults of --checkpoint and --lyric-vocab.")
 @click.option("--lora", default=None, type=click.Path(),
               help="LoRA checkpoint folder (…_lora/) or its pytorch_lora_weights.safetensors; official or ours.")
 @click.option("--lora-weight", default=1.0, show_default=True, type=float,
@@ -40,7 +60,8 @@ def _read_lyrics(path: str | None) -> str:
 @click.option("--out", "out", default="output.wav", show_default=True, type=click.Path(dir_okay=False),
               help="Output .wav (48 kHz); the parameters go beside it as .json.")
 @click.option("--lyric-vocab", default=None, type=click.Path(dir_okay=False),
-              help="VoiceBPE vocab.json [default: lyrics_vocab.json in or beside --checkpoint].")
+              help="VoiceBPE vocab.json [default: lyrics_vocab.json in or beside --checkpoint, "
+                   "else params.yaml models.lyric_vocab].")
 @click.option("--guidance", default=15.0, show_default=True, type=float, help="Guidance scale.")
 @click.option("--cfg-type", default="apg", show_default=True, type=click.Choice(["apg", "cfg"]),
               help="apg: adaptive projected guidance (reference default); cfg: plain classifier-free guidance.")
@@ -49,10 +70,12 @@ def _read_lyrics(path: str | None) -> str:
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Transformer/text-encoder dtype (auto: bfloat16 on CUDA, float32 on CPU).")
-def cli(checkpoint, lora, lora_weight, prompt, lyrics_file, duration, steps, seed, out, lyric_vocab,
+def cli(checkpoint, params_path, lora, lora_weight, prompt, lyrics_file, duration, steps, seed, out, lyric_vocab,
         guidance, cfg_type, omega, device, dtype):
     """Generate a song (48 kHz wav + .json of every parameter) with an optional LoRA."""
-    from pipeline.sampling import SamplerSettings, generate, params_path
+    from pipeline.sampling import SamplerSettings, generate, params_path as json_path
+
+    checkpoint, lyric_vocab = _defaults(checkpoint, lyric_vocab, params_path)
 
     settings = SamplerSettings(steps=steps, guidance_scale=guidance, cfg_type=cfg_type, omega=omega)
     wav = generate(
@@ -70,4 +93,4 @@ def cli(checkpoint, lora, lora_weight, prompt, lyrics_file, duration, steps, see
         lyric_vocab=lyric_vocab,
         settings=settings,
     )
-    click.echo(f"wrote {wav} (parameters: {params_path(wav)})")
+    click.echo(f"wrote {wav} (parameters: {json_path(wav)})")

@@ -323,3 +323,20 @@ def test_preview_on_tiny_checkpoint(tiny_checkpoint, tmp_path):
     pred, _ = sf.read(folder / "pred_wav_songs_a_0.wav")
     assert sr == 48000 and target.shape == pred.shape and abs(target.shape[0] - 3 * 4096 * 48000 / 44100) <= 2
     assert model.training
+
+
+def test_cli_checkpoint_and_vocab_default_from_params(stand_ins, tmp_path, monkeypatch):
+    from stages.cli import group
+
+    (stand_ins / "lyrics_vocab.json").unlink()  # only params.yaml knows where the vocab is
+    vocab = tmp_path / "vocab" / "v.json"
+    vocab.parent.mkdir()
+    vocab.write_text("{}")
+    (tmp_path / "params.yaml").write_text(f"models:\n  acestep: {stand_ins}\n  lyric_vocab: {vocab}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(group, ["generate", "--prompt", "p", "--duration", "1", "--steps", "2",
+                                        "--out", "d.wav", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "d.json").read_text())
+    assert meta["checkpoint"] == str(stand_ins.resolve()) and meta["lyric_vocab"] == str(vocab.resolve())
+    assert meta["lyrics"] == ""

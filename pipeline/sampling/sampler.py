@@ -138,6 +138,14 @@ def scaled_outputs(modules: Iterable[torch.nn.Module], factor: float):
 
 
 # ---------------------------------------------------------------------------------- the loop
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer inside a DistributedDataParallel wrapper (the trainer may hand one over):
+    encode/decode live on the inner module."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
 def _model_device_dtype(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(transformer.parameters())
     return p.device, p.dtype
@@ -247,6 +255,7 @@ def sample(
     The transformer is switched to eval mode for the call and restored afterwards.
     """
     settings = (settings or SamplerSettings()).validate()
+    transformer = unwrap(transformer)
     device, dtype = _model_device_dtype(transformer)
     c = _prepare_cond(cond, device, dtype)
     batch = c["text_states"].shape[0]
