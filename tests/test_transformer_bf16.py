@@ -82,3 +82,23 @@ def test_checkpointing_gives_the_same_gradients(tiny):
         grads.append([p.grad.clone() for p in lora_parameters(model)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_matches_cpu_fp32(tiny):
+    """No hard-coded device: the same model on CUDA in bf16 stays close to CPU fp32 and trains."""
+    cpu = ACEStepTransformer2DModel.from_pretrained(tiny).eval()
+    batch = _batch(torch.float32)
+    with torch.no_grad():
+        ref = cpu(**batch).sample
+    gpu = _lora_model(tiny, torch.bfloat16, checkpointing=True).to("cuda")
+    moved = {k: v.to("cuda") if torch.is_tensor(v) else [[t.to("cuda", torch.bfloat16) for t in s] for s in v]
+             for k, v in batch.items()}
+    moved = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in moved.items()}
+    loss = _loss(gpu, moved)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in lora_parameters(gpu))
+    gpu.disable_adapters()
+    with torch.no_grad():
+        out = gpu.eval()(**moved).sample.float().cpu()
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 0.05
