@@ -22,11 +22,12 @@ def shift_sigmas(sigmas, shift: float = DEFAULT_SHIFT):
 def train_sigmas(shift: float = DEFAULT_SHIFT, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """The training σ table S_k (k = 0..999): shifted (1000−k)/1000, i.e. 1.0 … 0.002994 (fp32).
 
-    Computed in fp32 like the reference scheduler's own table, so indices line up bit for bit.
+    One definition for training and sampling: the objective's table (the inference schedule's
+    σ_min is this table's last entry, so the two must never drift apart).
     """
-    s = torch.linspace(1, num_train_timesteps, num_train_timesteps, dtype=torch.float32).flip(0)
-    s = s / num_train_timesteps
-    return shift_sigmas(s, shift)
+    from pipeline.objective import training_sigmas
+
+    return training_sigmas(shift=shift, num_train_timesteps=num_train_timesteps)
 
 
 def default_sigma_min(shift: float = DEFAULT_SHIFT) -> float:
