@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -106,7 +107,9 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     b = _to_device(batch, device, dtype)
     x0, noise = b["latents"], noise.to(device, dtype)
     x_t = noisy_latents(x0, noise, sigma.to(device, dtype))
-    ssl = [b["mert"], b["mhubert"]] if b.get("mert") and b.get("mhubert") else None
+    # SSL targets only when every sample has both (a cache made without them gives Nones)
+    mert, mhubert = b.get("mert") or [], b.get("mhubert") or []
+    ssl = [mert, mhubert] if mert and mhubert and all(x is not None for x in mert + mhubert) else None
     out = model(
         hidden_states=x_t, attention_mask=b["latent_mask"],
         encoder_text_hidden_states=b["text_states"], text_attention_mask=b["text_mask"],
@@ -159,6 +162,9 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
     config.validate()
     run_dir = Path(run_dir)
     rank = distributed.info()
+    for note in config.advice():
+        if rank.is_main and (preview is not None or "plot_every" not in note):
+            warnings.warn(note, stacklevel=2)
     device = next(transformer.parameters()).device
     dtype = PRECISION_DTYPES[config.precision]
     params = [p for p in transformer.parameters() if p.requires_grad]

@@ -75,7 +75,7 @@ def test_coercion_and_unknown_names():
         ({"text_dropout": 1.5}, "text_dropout"),
         ({"device": "tpu"}, "device"),
         ({"experiment": "../evil"}, "experiment"),
-        ({"warmup_steps": 50, "max_steps": 10}, "warmup_steps"),
+        ({"warmup_steps": -1}, "warmup_steps"),
         ({"target_modules": []}, "target_modules"),
     ],
 )
@@ -84,9 +84,10 @@ def test_validation_names_the_setting(changes, pattern):
         from_params(changes).validate()
 
 
-def test_plot_every_warns_about_cost():
-    with pytest.warns(UserWarning, match="60-step"):
-        from_params({"plot_every": 100}).validate()
+def test_advice_about_costly_or_odd_settings():
+    assert TrainConfig().advice() == []
+    assert any("60-step" in note for note in from_params({"plot_every": 100}).validate().advice())
+    assert any("warmup_steps" in note for note in from_params({"max_steps": 5}).validate().advice())
 
 
 def test_to_json_roundtrip():

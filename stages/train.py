@@ -1,0 +1,243 @@
+"""`aceturbo train`: LoRA training from the feature cache (or live with --live).
+
+Thin: read params.yaml, build one TrainConfig per run (presets / sweep file), pick the batch source,
+load the transformer, call pipeline.train.train. Several --preset values or a sweep file train
+several configs one after another on the same cache, each in its own experiment folder.
+Multi-GPU: `torchrun --nproc_per_node N -m stages train ...` (only rank 0 writes files).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.errors import CacheError, ConfigError
+from pipeline.train_config import TrainConfig, build_config, fields_help
+
+_KIND_TYPES = {"int": int, "float": float, "str": str}
+_OWN_OPTIONS = {"preset"}  # fields with a dedicated option below
+
+
+def _config_options(func):
+    """One --option per TrainConfig field, with the field's help; unset options stay None."""
+    for row in reversed(fields_help()):
+        name, kind = row["name"], row["type"]
+        if name in _OWN_OPTIONS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{row['help']} [default: {_show(row['default'])}]"
+        if kind == "bool":
+            option = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)
+        elif kind == "pair":
+            option = click.option(flag, name, type=float, nargs=2, default=None, help=help_text)
+        elif kind == "list":
+            option = click.option(flag, name, type=str, default=None, metavar="A,B,...", help=help_text)
+        else:
+            option = click.option(flag, name, type=_KIND_TYPES[kind], default=None, help=help_text)
+        func = option(func)
+    return func
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+@click.command("train")
+@click.option("--preset", "presets", multiple=True,
+              help="Preset name (conservative, balanced, aggressive); repeat to train several in sequence.")
+@click.option("--config", "sweep", type=click.Path(dir_okay=False),
+              help="Sweep YAML: a list of settings mappings (or {runs: [...]}), one training run each.")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="Project settings; its train: section overrides the preset, options override both.")
+@click.option("--resume", default=None, metavar="latest|PATH",
+              help="Continue a run: 'latest' checkpoint of the experiment, or a checkpoint folder.")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="Feature cache folder [default: params.yaml paths.features].")
+@_config_options
+def cli(presets, sweep, params_path, resume, cache_dir, **options):
+    """Train a LoRA on the cached features (or --live) and write checkpoints, metrics.jsonl, loss.png."""
+    from pipeline.config import load_params
+
+    project = load_params(params_path)
+    options = {k: v for k, v in options.items() if v is not None}
+    configs = plan_runs(project.train, options, presets, sweep)
+    if resume and len(configs) > 1 and resume != "latest":
+        raise ConfigError("--resume PATH needs a single run; with several presets/sweep runs use --resume latest.")
+    for i, config in enumerate(configs, 1):
+        if len(configs) > 1:
+            click.echo(f"=== run {i}/{len(configs)}: {config.run_name} (preset {config.preset}) ===")
+        summary = run_one(config, project, resume=resume, cache_dir=cache_dir)
+        if summary["stopped"] != "completed":
+            # Interrupted: later runs of a sweep are not started; a non-zero status tells DVC/the UI.
+            sys.exit(143 if summary["stopped"] == "SIGTERM" else 130)
+
+
+def plan_runs(params: dict, options: dict, presets: tuple[str, ...] = (), sweep: str | None = None) -> list[TrainConfig]:
+    """The configs to train, in order: params.yaml → preset / sweep entry → command-line options."""
+    if presets and sweep:
+        raise ConfigError("use either --preset (one or more) or --config SWEEP.yaml, not both.")
+    if sweep:
+        entries = read_sweep(sweep)
+    elif len(presets) == 1:
+        return [build_config(params=params, overrides=options, preset=presets[0])]
+    elif presets:
+        entries = [{"preset": p} for p in presets]
+    else:
+        return [build_config(params=params, overrides=options)]
+    base_name = options.get("experiment") or params.get("experiment") or ""
+    configs = []
+    for i, entry in enumerate(entries, 1):
+        config = build_config(params=params, overrides={**entry, **options}, preset=entry.get("preset"))
+        if "experiment" not in entry:
+            suffix = entry["preset"] if (presets or set(entry) == {"preset"}) else f"run{i}"
+            name = f"{base_name}_{suffix}" if base_name else (suffix if presets else f"sweep_{suffix}")
+            config = dataclasses.replace(config, experiment=name).validate()
+        configs.append(config)
+    names = [c.run_name for c in configs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"several runs would share the experiment folder {', '.join(duplicates)}; "
+                          "give each sweep entry its own 'experiment' name.")
+    return configs
+
+
+def read_sweep(path: str | Path) -> list[dict]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file '{path}' not found.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict) and "runs" in data:
+        data = data["runs"]
+    if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
+        raise ConfigError(f"{path} must be a non-empty list of settings mappings (or runs: [...]), e.g. "
+                          "[{preset: conservative}, {preset: balanced, learning_rate: 5e-5}].")
+    return data
+
+
+def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: str | None = None) -> dict:
+    """Train one config: batch source + transformer + train(); returns the summary."""
+    import torch
+
+    from pipeline import distributed
+    from pipeline.train import load_transformer_for_training, train
+
+    device = distributed.resolve_device(config.device)
+    rank = distributed.init(device)
+    paths = project.models.paths()
+    transformer_dir = paths.require("ace_step_transformer")
+    run_dir = Path(project.paths.exps) / config.run_name
+    if rank.is_main:
+        _write_json(_workspace(project) / "configs" / "lora_config.json", config.to_dict())
+        click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, alpha={config.alpha}, "
+                   f"lr={config.learning_rate}, {config.max_steps} steps, {config.precision} on {device} "
+                   f"→ {run_dir}")
+    batches = make_batches(config, project, transformer_dir, cache_dir, device, rank)
+    transformer = load_transformer_for_training(transformer_dir, config, device)
+    preview = make_preview(config, project, run_dir) if config.plot_every and rank.is_main else None
+    try:
+        summary = train(config, transformer, batches, run_dir, preview=preview, resume=resume)
+    finally:
+        del transformer, batches
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if rank.is_main and summary["stopped"] == "completed":
+        speed = f", {summary['sec_per_step']:.3f} s/step" if summary["sec_per_step"] else ""
+        click.echo(f"done: {summary['step']} steps, last loss {summary['last_loss']}{speed}; "
+                   f"LoRA in {summary['checkpoint']}")
+    return summary
+
+
+def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, device, rank):
+    """The cache loader (fingerprints checked), or the live source with --live."""
+    speaker_dim = _transformer_config(transformer_dir).get("speaker_embedding_dim", 512)
+    if config.live:
+        try:
+            from pipeline.live import make_live_source
+        except ModuleNotFoundError as exc:
+            if exc.name == "pipeline.live":
+                raise ConfigError("--live needs pipeline/live.py, which this checkout does not have yet; "
+                                  "train from the cache (drop --live) after `dvc repro`.") from None
+            raise
+        return make_live_source(project=project, config=config, device=device)
+    from cache.loader import LoaderSettings, make_loader
+
+    folder = Path(cache_dir or project.paths.features)
+    # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
+    settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
+                              num_workers=config.num_workers, speaker_dim=speaker_dim,
+                              expected_fingerprints=expected_fingerprints(project, folder))
+    return make_loader(folder, settings)
+
+
+def expected_fingerprints(project, cache_folder: Path) -> dict[str, str] | None:
+    """The fingerprint each stream must have for the encoders in params.yaml → models; None (only a
+    consistency check) when the encoder weights are not on this machine (a copied cache)."""
+    from cache.fingerprint import hash_cache_path
+    from pipeline.errors import CheckpointError
+    from pipeline.features import STREAMS, stream_fingerprint
+
+    try:
+        return {s: stream_fingerprint(s, project.models, project.encode, project.ingest.min_seconds,
+                                      cache_dir=hash_cache_path(cache_folder)) for s in STREAMS}
+    except CheckpointError as exc:
+        click.echo(f"note: cannot verify which encoders made the cache ({exc}); checking it for consistency only.",
+                   err=True)
+        return None
+
+
+def make_preview(config: TrainConfig, project, run_dir: Path):
+    """The preview callback (it loads the codec only while previewing; train() never imports it)."""
+    from pipeline.preview import make_preview_callback
+
+    return make_preview_callback(project.models.acestep, project.models.lyric_vocab, run_dir,
+                                 texts=_manifest_texts(project))
+
+
+def _manifest_texts(project) -> dict[str, tuple[str, str]]:
+    """{song id: (prompt, lyrics)} from the manifest, for the preview's text file (best effort)."""
+    texts = {}
+    path = Path(project.paths.manifest)
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                song = json.loads(line)
+                texts[str(song["id"])] = (", ".join(song.get("tags") or []), song.get("lyrics") or "")
+            except (ValueError, KeyError, TypeError):
+                continue
+    return texts
+
+
+def _transformer_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _workspace(project) -> Path:
+    """workspace/ (the parent of paths.exps = workspace/exps/logs)."""
+    exps = Path(project.paths.exps)
+    return exps.parents[1] if len(exps.parts) >= 3 else Path("workspace")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+__all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_batches", "CacheError"]

@@ -1,0 +1,277 @@
+"""The training loop on the tiny transformer with a synthetic batch source (no cache, no encoders)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline.errors import ConfigError
+from pipeline.metrics import FIELDS, read_metrics
+from pipeline.train import TrainingDiverged, load_transformer_for_training, lr_factor, train
+from pipeline.train_config import from_params
+from pipeline.train_state import LORA_FILE, STATE_FILE, list_checkpoints
+
+# Widths of save_tiny_transformer's defaults (the batch must match them).
+TEXT_DIM, MERT_DIM, MHUBERT_DIM, VOCAB, SPEAKER_DIM = 12, 24, 20, 40, 8
+
+
+class SyntheticSource:
+    """The batch layout of cache/collate.py with random tensors: `n` batches per epoch, each
+    derived from (seed, epoch, index) so a resumed source yields the same batches as an unbroken
+    one. Has the loader's state_dict()/load_state_dict(). Hooks: `fixed` (repeat batch 0),
+    `on_batch(global_index, batch)` (may raise or send signals, may edit the batch)."""
+
+    def __init__(self, n: int = 4, seed: int = 0, frames: int = 12, batch_size: int = 1, fixed: bool = False,
+                 on_batch=None):
+        self.n, self.seed, self.frames, self.batch_size, self.fixed = n, seed, frames, batch_size, fixed
+        self.on_batch = on_batch
+        self.epoch, self.batches_consumed = 0, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+
+    def make_batch(self, epoch: int, index: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + (0 if self.fixed else epoch * 1009 + index))
+        B, T, L, Y = self.batch_size, self.frames, 5, 7
+        return {
+            "keys": [f"song{index}_{i}" for i in range(B)],
+            "latents": torch.randn(B, 8, 16, T, generator=g),
+            "latent_mask": torch.ones(B, T),
+            "text_states": torch.randn(B, L, TEXT_DIM, generator=g),
+            "text_mask": torch.ones(B, L, dtype=torch.long),
+            "speaker": torch.zeros(B, SPEAKER_DIM),
+            "lyric_ids": torch.randint(1, VOCAB, (B, Y), generator=g),
+            "lyric_mask": torch.ones(B, Y, dtype=torch.long),
+            "mert": [torch.randn(T * 7, MERT_DIM, generator=g) for _ in range(B)],
+            "mhubert": [torch.randn(T * 5, MHUBERT_DIM, generator=g) for _ in range(B)],
+        }
+
+    def __iter__(self):
+        while True:  # endless like the cache loader (epochs=None)
+            while self.batches_consumed < self.n:
+                batch = self.make_batch(self.epoch, self.batches_consumed)
+                if self.on_batch is not None:
+                    batch = self.on_batch(self.epoch * self.n + self.batches_consumed, batch) or batch
+                self.batches_consumed += 1
+                yield batch
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+
+def tiny_config(**changes):
+    base = {"precision": "fp32", "device": "cpu", "rank": 4, "max_steps": 6, "warmup_steps": 2,
+            "save_every": 3, "keep_last": 5, "learning_rate": 1e-3, "log_plot_every": 2, "seed": 3}
+    base.update(changes)
+    return from_params(base).validate()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tiny model's ops are microseconds: on 2 busy cores, intra-op threads only spin (50x slower).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer_dir(tmp_path_factory):
+    from pipeline.tiny.transformer import save_tiny_transformer
+
+    return save_tiny_transformer(tmp_path_factory.mktemp("tiny") / "ace_step_transformer", seed=0)
+
+
+def lora_weights(path):
+    with safe_open(str(path / LORA_FILE), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ---------------------------------------------------------------------------------------------
+def test_lr_schedule_is_official():
+    assert [lr_factor(s, 10, 110) for s in (0, 5, 10, 60, 110, 200)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+    assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_load_transformer_for_training(tiny_transformer_dir):
+    model = load_transformer_for_training(tiny_transformer_dir, tiny_config(), "cpu")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert model.training
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    bf16 = load_transformer_for_training(tiny_transformer_dir, tiny_config(precision="bf16-true"), "cpu")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # LoRA too (autocast_adapter_dtype off)
+
+
+def test_overfit_one_batch(tiny_transformer_dir, tmp_path):
+    """Fixed batch, fixed sigma, no CFG dropout, fp32, high lr: the loss on that batch must fall.
+    (The tiny random model changes slowly through attention LoRAs alone, so the output layer gets a
+    LoRA too and the target has a strong learnable part.)"""
+    from pipeline.objective import training_sigmas
+    from pipeline.train import compute_loss
+
+    class Loud(SyntheticSource):
+        def make_batch(self, epoch, index):
+            batch = super().make_batch(epoch, index)
+            batch["latents"] = batch["latents"] * 3
+            return batch
+
+    config = tiny_config(max_steps=60, warmup_steps=0, learning_rate=3e-2, rank=8, logit_std=1e-4,
+                         text_dropout=0.0, speaker_dropout=0.0, lyric_dropout=0.0, save_every=0,
+                         gradient_checkpointing=False, log_plot_every=0,
+                         target_modules=list(tiny_config().target_modules) + ["final_layer.linear"])
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    source = Loud(fixed=True)
+
+    def batch_loss():  # same noise and sigma before and after
+        model.eval()
+        generator = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            _, parts = compute_loss(model, source.make_batch(0, 0), generator, training_sigmas(), config,
+                                    torch.device("cpu"), torch.float32)
+        model.train()
+        return parts["denoise_loss"]
+
+    before = batch_loss()
+    summary = train(config, model, source, tmp_path / "run")
+    after = batch_loss()
+    losses = [r["denoise_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 60 and summary["stopped"] == "completed"
+    assert after < 0.85 * before, (before, after)
+    assert sum(losses[-10:]) < 0.85 * sum(losses[:10]), losses
+
+
+def test_outputs_layout(tiny_transformer_dir, tmp_path):
+    config = tiny_config(max_steps=7, save_every=2, keep_last=2)
+    run = tmp_path / "exp"
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    summary = train(config, model, SyntheticSource(n=4), run)
+
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["epoch=1-step=6_lora", "epoch=1-step=7_lora"]  # keep_last=2, final always written
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == names  # no temp folders left
+    assert summary["checkpoint"] == str(run / "checkpoints" / names[-1])
+    for name in names:
+        assert sorted(p.name for p in (run / "checkpoints" / name).iterdir()) == sorted([LORA_FILE, STATE_FILE])
+    weights = lora_weights(run / "checkpoints" / names[-1])
+    assert weights and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in weights)
+    assert not any(".default." in k for k in weights)  # official layout: no adapter name, no prefix
+    assert "transformer_blocks.0.attn.to_q.lora_A.weight" in weights
+    assert weights["transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 4
+    state = torch.load(run / "checkpoints" / names[-1] / STATE_FILE, weights_only=True)
+    assert state["step"] == 7 and state["epoch"] == 1 and state["loader"] == [{"epoch": 1, "batches_consumed": 3}]
+    # optimizer state covers the LoRA weights only (never the base weights)
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(weights)
+    assert set(state["rng"][0]) >= {"generator", "torch", "python", "numpy"}
+
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 8))
+    assert all(set(FIELDS) <= set(r) for r in records)
+    assert records[0]["lr"] == 0.0 and records[2]["lr"] == pytest.approx(1e-3)  # warm-up 2 steps
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "train_config.json").read_text()) == config.to_dict()
+
+
+def test_bf16_true_runs_on_cpu(tiny_transformer_dir, tmp_path):
+    config = tiny_config(precision="bf16-true", max_steps=3, save_every=0)
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    summary = train(config, model, SyntheticSource(), tmp_path / "bf16")
+    weights = lora_weights(tmp_path / "bf16" / "checkpoints" / "epoch=0-step=3_lora")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert summary["last_loss"] is not None and summary["last_loss"] == summary["last_loss"]
+
+
+def test_bf16_mixed_is_refused(tiny_transformer_dir, tmp_path):
+    config = tiny_config()
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    with pytest.raises(ConfigError, match="bf16-true"):
+        train(dataclasses.replace(config, precision="bf16-mixed"), model, SyntheticSource(), tmp_path / "x")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_transformer_dir, tmp_path):
+    def poison(i, batch):
+        if i == 4:  # the 5th step
+            batch["latents"] = torch.full_like(batch["latents"], float("nan"))
+
+    config = tiny_config(max_steps=10, save_every=2)
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    with pytest.raises(TrainingDiverged, match=r"step 5.*NaN.*epoch=0-step=4_lora"):
+        train(config, model, SyntheticSource(on_batch=poison), tmp_path / "nan")
+    assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["epoch=0-step=2_lora", "epoch=0-step=4_lora"]
+
+
+def test_keyboard_interrupt_saves_checkpoint(tiny_transformer_dir, tmp_path):
+    def interrupt(i, batch):
+        if i == 3:
+            raise KeyboardInterrupt
+
+    config = tiny_config(max_steps=10, save_every=0)
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    summary = train(config, model, SyntheticSource(on_batch=interrupt), tmp_path / "int")
+    assert summary["stopped"].startswith("interrupted") and summary["step"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "int")] == ["epoch=0-step=3_lora"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_sigterm_saves_checkpoint_and_stops(tiny_transformer_dir, tmp_path):
+    def term(i, batch):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag: step 3 completes
+
+    config = tiny_config(max_steps=10, save_every=0)
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    summary = train(config, model, SyntheticSource(on_batch=term), tmp_path / "term")
+    assert summary["stopped"] == "SIGTERM" and summary["step"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "term")] == ["epoch=0-step=3_lora"]
+    assert len(read_metrics(tmp_path / "term" / "metrics.jsonl")) == 3
+
+
+def test_preview_callback_gets_transformer_batch_and_step(tiny_transformer_dir, tmp_path):
+    calls = []
+
+    def preview(transformer, batch, step):
+        calls.append((step, batch["keys"][0], transformer.training))
+
+    config = tiny_config(max_steps=5, plot_every=2, save_every=0)
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    with pytest.warns(UserWarning, match="60-step"):
+        train(config, model, SyntheticSource(n=10), tmp_path / "prev", preview=preview)
+    # official: at the start of every step whose index is a multiple of plot_every (step 0 too),
+    # on the batch that step trains on, with the model in eval mode
+    assert calls == [(0, "song0_0", False), (2, "song2_0", False), (4, "song4_0", False)]
+    assert model.training
+
+
+def test_no_trainable_parameters_is_a_clear_error(tiny_transformer_dir, tmp_path):
+    from pipeline.models.transformer import ACEStepTransformer2DModel
+
+    model = ACEStepTransformer2DModel.from_pretrained(tiny_transformer_dir)
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable LoRA"):
+        train(tiny_config(), model, SyntheticSource(), tmp_path / "none")
+
+
+def test_stage_plans_presets_and_sweeps(tmp_path):
+    from stages.train import plan_runs
+
+    runs = plan_runs({"experiment": "demo", "max_steps": 20}, {"learning_rate": 5e-5},
+                     presets=("conservative", "aggressive"))
+    assert [(c.run_name, c.rank, c.max_steps, c.learning_rate) for c in runs] == [
+        ("demo_conservative", 16, 20, 5e-5), ("demo_aggressive", 256, 20, 5e-5)]
+    assert [c.run_name for c in plan_runs({"experiment": "demo"}, {}, presets=("aggressive",))] == ["demo"]
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("- {preset: balanced, learning_rate: 2e-4}\n- {experiment: mine, rank: 8}\n")
+    runs = plan_runs({}, {"max_steps": 3}, sweep=str(sweep))
+    assert [(c.run_name, c.rank, c.learning_rate, c.max_steps) for c in runs] == [
+        ("sweep_run1", 64, 2e-4, 3), ("mine", 8, 1e-4, 3)]
+    sweep.write_text("- {experiment: same}\n- {experiment: same}\n")
+    with pytest.raises(ConfigError, match="share the experiment folder same"):
+        plan_runs({}, {}, sweep=str(sweep))
+    with pytest.raises(ConfigError, match="either --preset"):
+        plan_runs({}, {}, presets=("balanced",), sweep=str(sweep))
