@@ -134,7 +134,11 @@ class _Plan:
 
 
 class CacheDataset(torch.utils.data.IterableDataset):
-    """Batches from (start_epoch, skip) on; each DataLoader worker loads every num_workers-th batch."""
+    """Batches from (start_epoch, skip) on; each DataLoader worker loads every num_workers-th batch.
+
+    Each batch also carries "_epoch" and "_index" (its position), which CacheLoader pops to keep
+    its resume state.
+    """
 
     def __init__(self, plan: _Plan, start_epoch: int = 0, skip: int = 0):
         super().__init__()
@@ -157,6 +161,8 @@ class CacheLoader:
         self.settings = s = settings or LoaderSettings()
         if s.batch_size < 1 or s.songs_per_unit < 1 or s.num_workers < 0:
             raise ConfigError("loader: batch_size and songs_per_unit must be >= 1, num_workers >= 0")
+        if s.dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"loader dtype must be bfloat16, float16 or float32, got {s.dtype!r}")
         unknown = [x for x in s.streams if x not in STREAM_NAMES]
         if unknown or any(x not in s.streams for x in _REQUIRED_STREAMS):
             raise ConfigError(f"loader streams must include {_REQUIRED_STREAMS} and be among {STREAM_NAMES}, "
