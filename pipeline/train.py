@@ -75,7 +75,7 @@ def load_transformer_for_training(transformer_dir: str | Path, config: TrainConf
     dtype = PRECISION_DTYPES[config.precision]
     model = ACEStepTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
     model.requires_grad_(False)
-    model.to(device=device, dtype=dtype)
+    model.to(device=device)  # already in `dtype` (a .to(dtype) here would make diffusers warn)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)

@@ -166,10 +166,10 @@ def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir:
     if config.live:
         try:
             from pipeline.live import make_live_source
-        except ModuleNotFoundError as exc:
-            if exc.name == "pipeline.live":
-                raise ConfigError("--live needs pipeline/live.py, which this checkout does not have yet; "
-                                  "train from the cache (drop --live) after `dvc repro`.") from None
+        except ImportError as exc:
+            if exc.name == "pipeline.live" or "make_live_source" in str(exc):
+                raise ConfigError("--live needs pipeline.live.make_live_source, which this checkout does not "
+                                  "have; train from the cache (drop --live) after `dvc repro`.") from None
             raise
         return make_live_source(project=project, config=config, device=device)
     from cache.loader import LoaderSettings, make_loader
@@ -178,20 +178,19 @@ def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir:
     # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
     settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
                               num_workers=config.num_workers, speaker_dim=speaker_dim,
-                              expected_fingerprints=expected_fingerprints(project, folder))
+                              expected_fingerprints=expected_fingerprints(project))
     return make_loader(folder, settings)
 
 
-def expected_fingerprints(project, cache_folder: Path) -> dict[str, str] | None:
+def expected_fingerprints(project) -> dict[str, str] | None:
     """The fingerprint each stream must have for the encoders in params.yaml → models; None (only a
     consistency check) when the encoder weights are not on this machine (a copied cache)."""
-    from cache.fingerprint import hash_cache_path
     from pipeline.errors import CheckpointError
     from pipeline.features import STREAMS, stream_fingerprint
 
-    try:
+    try:  # the file-digest memo lives in paths.cache, where the encode stages keep theirs
         return {s: stream_fingerprint(s, project.models, project.encode, project.ingest.min_seconds,
-                                      cache_dir=hash_cache_path(cache_folder)) for s in STREAMS}
+                                      cache_dir=Path(project.paths.cache)) for s in STREAMS}
     except CheckpointError as exc:
         click.echo(f"note: cannot verify which encoders made the cache ({exc}); checking it for consistency only.",
                    err=True)

@@ -275,3 +275,79 @@ def test_stage_plans_presets_and_sweeps(tmp_path):
         plan_runs({}, {}, sweep=str(sweep))
     with pytest.raises(ConfigError, match="either --preset"):
         plan_runs({}, {}, presets=("balanced",), sweep=str(sweep))
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _tiny_cache(folder, n_songs=3, frames=20):
+    """A feature cache with the tiny transformer's widths (written by the cache's own writer)."""
+    from cache.schema import LATENT_RATE, SongFeatures
+    from cache.shards import write_shard
+
+    g = torch.Generator().manual_seed(0)
+    songs = {}
+    for i in range(n_songs):
+        n_m, n_h = round(frames / LATENT_RATE * 75), round(frames / LATENT_RATE * 50)
+        songs[f"s{i}"] = SongFeatures(
+            key=f"s{i}", latents=torch.randn(8, 16, frames, generator=g),
+            mert=torch.randn(n_m, MERT_DIM, generator=g), mhubert=torch.randn(n_h, MHUBERT_DIM, generator=g),
+            lyric_ids=torch.randint(1, VOCAB, (9,), generator=g),
+            text_states=torch.randn(2, 6, TEXT_DIM, generator=g), text_masks=torch.ones(2, 6, dtype=torch.long))
+    for stream in ("latents", "mert", "mhubert", "text"):
+        write_shard(folder, stream, None, songs, f"fp-{stream}", {k: "h" for k in songs})
+
+
+@pytest.fixture
+def project(tmp_path, tiny_transformer_dir):
+    import shutil
+
+    acestep = tmp_path / "ckpt"
+    shutil.copytree(tiny_transformer_dir, acestep / "ace_step_transformer")
+    _tiny_cache(tmp_path / "workspace" / "cache" / "features")
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"paths:\n  cache: {tmp_path / 'workspace' / 'cache'}\n  exps: {tmp_path / 'workspace' / 'exps' / 'logs'}\n"
+        f"models:\n  acestep: {acestep}\n  mert: {tmp_path / 'no-mert'}\n  mhubert: {tmp_path / 'no-hubert'}\n"
+        "train:\n  experiment: cli\n  precision: fp32\n  device: cpu\n  rank: 4\n  save_every: 2\n  warmup_steps: 1\n"
+    )
+    return tmp_path, params
+
+
+def test_cli_trains_from_the_cache(project):
+    from stages.cli import main
+
+    root, params = project
+    main(["train", "--params", str(params), "--max-steps", "3", "--no-gradient-checkpointing"])
+    run = root / "workspace" / "exps" / "logs" / "cli"
+    assert [p.name for p in list_checkpoints(run)] == ["epoch=0-step=2_lora", "epoch=0-step=3_lora"]
+    assert len(read_metrics(run / "metrics.jsonl")) == 3
+    launched = json.loads((root / "workspace" / "configs" / "lora_config.json").read_text())
+    assert launched["rank"] == 4 and launched["max_steps"] == 3 and launched["gradient_checkpointing"] is False
+    assert json.loads((run / "train_config.json").read_text()) == launched
+    # continue the same run for two more steps
+    main(["train", "--params", str(params), "--max-steps", "5", "--resume", "latest", "--no-gradient-checkpointing"])
+    assert list_checkpoints(run)[-1].name.endswith("step=5_lora")
+
+
+def test_cli_runs_several_presets_in_sequence(project):
+    from stages.cli import main
+
+    root, params = project
+    main(["train", "--params", str(params), "--max-steps", "1", "--preset", "conservative",
+          "--preset", "balanced", "--rank", "2"])
+    logs = root / "workspace" / "exps" / "logs"
+    for name in ("cli_conservative", "cli_balanced"):
+        saved = json.loads((logs / name / "train_config.json").read_text())
+        assert saved["rank"] == 2 and saved["preset"] == name.split("_")[1]
+        assert list_checkpoints(logs / name)
+
+
+def test_cli_errors_are_one_line(project, capsys):
+    from stages.cli import main
+
+    root, params = project
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--params", str(params), "--precision", "bf16-mixed"])
+    assert exc.value.code == 1 and "bf16-true" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--params", str(params), "--cache", str(root / "empty")])
+    assert "empty or missing" in capsys.readouterr().err
