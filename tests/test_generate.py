@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import pipeline.sampling.generation as gen
-from pipeline.errors import AceTurboError, CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.preview import PreviewSettings, make_preview_callback, preview_text
 from pipeline.sampling import SamplerSettings, frames_for_duration, generate, params_path
 

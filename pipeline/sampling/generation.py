@@ -25,7 +25,6 @@ from pipeline.sampling.sampler import SamplerSettings, duration_for_frames, fram
 
 OUTPUT_SAMPLE_RATE = 48000
 LYRIC_VOCAB_NAME = "lyrics_vocab.json"
-MAX_TEXT_TOKENS = 256
 
 
 @dataclass
