@@ -7,17 +7,19 @@ and the tests go through exactly the loading code used for the real codec
 downstream is the real shape.
 
 The weights are re-drawn so that nothing is degenerate: the ConvNeXt layer scales start at 1e-6 in
-a fresh model (blocks would be near-identities) and zero biases would hide wiring mistakes.
+a fresh model (blocks would be near-identities), zero biases would hide wiring mistakes, and the
+vocoder head gets gains that let its output follow its input.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderDC
 
 from pipeline.models.codec import DCAE_FOLDER, VOCODER_FOLDER
-from pipeline.models.vocoder import ADaMoSHiFiGANV1
+from pipeline.models.vocoder import ADaMoSHiFiGANV1, WNConv1d, WNConvTranspose1d
 
 # Mirrors golden/acestep_tiny/music_dcae_f8c8/config.json: 4 stages (8× compression), tiny widths.
 TINY_DCAE_CONFIG = dict(
@@ -76,10 +78,29 @@ def _redraw(model: torch.nn.Module, generator: torch.Generator) -> None:
             elif leaf == "bias" or param.dim() == 1:  # biases and norm scales
                 base = param.mean().item()  # 1 for norm scales, 0 for biases
                 param.copy_(base + 0.03 * noise)
-            elif leaf == "weight_g":  # weight-norm magnitude: keep it near the kernel's own norm
-                param.mul_(0.6 + 0.1 * torch.rand(param.shape, generator=generator))
+            elif leaf == "weight_g":  # set by _set_vocoder_gains
+                continue
             else:  # kernels keep their fan-in scaled default init, plus a little noise
                 param.add_(param.std().clamp_min(1e-3) * 0.1 * noise)
+
+
+def _set_vocoder_gains(vocoder: ADaMoSHiFiGANV1, generator: torch.Generator) -> None:
+    """Give the HiFi-GAN head gains near 1 so its output depends on the mel.
+
+    With PyTorch's default init each of the head's ~40 convolutions shrinks the signal, and the
+    output becomes a fixed pattern driven by the biases, whatever the input (the golden tiny
+    vocoder behaves so). A weight-norm magnitude g ≈ 1.1 per output channel keeps the variance
+    roughly constant through a conv (√(stride/2) for the transposed ones, which spread each input
+    over stride outputs); much above that the stack turns chaotic and saturates the tanh.
+    """
+    gain = 1.1
+    with torch.no_grad():
+        for module in vocoder.head.modules():
+            if isinstance(module, (WNConv1d, WNConvTranspose1d)):
+                g = gain * math.sqrt(module.stride[0] / 2) if isinstance(module, WNConvTranspose1d) else gain
+                jitter = 1 + 0.05 * torch.randn(module.weight_g.shape, generator=generator)
+                module.weight_g.copy_(g * jitter)
+                module.bias.copy_(0.01 * torch.randn(module.bias.shape, generator=generator))
 
 
 def save_tiny_codec(root: str | Path, seed: int = 0) -> None:
@@ -94,5 +115,6 @@ def save_tiny_codec(root: str | Path, seed: int = 0) -> None:
         vocoder = ADaMoSHiFiGANV1(**TINY_VOCODER_CONFIG)
     _redraw(dcae, generator)
     _redraw(vocoder, generator)
+    _set_vocoder_gains(vocoder, generator)
     dcae.save_pretrained(root / DCAE_FOLDER, safe_serialization=True)
     vocoder.save_pretrained(root / VOCODER_FOLDER, safe_serialization=True)
