@@ -70,12 +70,14 @@ def test_round_trip_shapes_5s_stereo(tiny):
     assert frames == 54  # 220500 samples at 44.1 kHz -> 54 × 4096 after padding
     assert latents.shape == (2, 8, 16, frames) and latents.dtype == torch.float32
     assert torch.isfinite(latents).all() and latents.std() > 0
+    assert not latents.is_inference()  # usable outside inference mode
     assert lengths.tolist() == [int(5 * LATENT_RATE), int(3 * LATENT_RATE)]  # [53, 32]
 
     # Back to 48 kHz cut to the input length, as the generation pipeline asks for it.
     sr, wavs = tiny.decode(latents[:1], audio_lengths=[5 * 48000], sr=48000)
     assert sr == 48000 and len(wavs) == 1 and wavs[0].shape == (2, 5 * 48000)
     assert torch.isfinite(wavs[0]).all() and wavs[0].abs().max() <= 1.0 and wavs[0].std() > 0
+    assert not wavs[0].is_inference()
 
 
 def test_decode_native_rate_length(tiny):

@@ -212,11 +212,12 @@ class MusicDCAE(nn.Module):
                 audio = F.pad(audio, (0, SAMPLES_PER_LATENT - remainder))
             mel = self.audio_to_mel(audio)
             mel = ((mel - MIN_MEL) / (MAX_MEL - MIN_MEL) - 0.5) / 0.5
-            # One item at a time, like the reference: peak memory stays that of a single song.
+            # DCAE one item at a time, like the reference: its activations are the memory peak.
             z = torch.cat([self.dcae.encoder(m.unsqueeze(0).to(self.dtype)) for m in mel])
             latents = ((z.float() - SHIFT_FACTOR) * SCALE_FACTOR).to(out_device)
         # Same arithmetic as the reference (float division, then truncation).
         latent_lengths = (audio_lengths / sr * CODEC_SAMPLE_RATE / HOP_LENGTH / TIME_MULTIPLE).long()
+        # Cloned outside inference mode: callers get an ordinary tensor they may use in autograd.
         return latents.clone(), latent_lengths.to(out_device)
 
     # ------------------------------------------------------------------ decode
@@ -235,7 +236,7 @@ class MusicDCAE(nn.Module):
             wav = self._resample(wav, CODEC_SAMPLE_RATE, out_sr)
             if audio_lengths is not None:
                 wav = wav[:, : int(audio_lengths[i])]
-            result.append(wav.to(out_device).clone())
+            result.append(wav.to(out_device))
         return out_sr, result
 
     def decode(
@@ -255,7 +256,9 @@ class MusicDCAE(nn.Module):
             z = latents.to(self.device, torch.float32) / SCALE_FACTOR + SHIFT_FACTOR
             for item in z:
                 wavs.append(self.mel_to_audio(self._latents_to_mel(item)))
-            return self._finish(wavs, audio_lengths, sr, out_device)
+            out_sr, wavs = self._finish(wavs, audio_lengths, sr, out_device)
+        # Cloned outside inference mode: callers get ordinary tensors they may use in autograd.
+        return out_sr, [wav.clone() for wav in wavs]
 
     def decode_overlap(
         self,
@@ -284,7 +287,8 @@ class MusicDCAE(nn.Module):
             for item in z:
                 mel = self._decode_mel_windows(item, dcae_window, dcae_hop)
                 wavs.append(self._vocode_windows(mel, vocoder_window, vocoder_overlap))
-            return self._finish(wavs, audio_lengths, sr, out_device)
+            out_sr, wavs = self._finish(wavs, audio_lengths, sr, out_device)
+        return out_sr, [wav.clone() for wav in wavs]
 
     def _decode_mel_windows(self, latent: torch.Tensor, window: int, hop: int) -> torch.Tensor:
         """Latent [8, 16, L] -> mel [2, 128, 8L] in DCAE windows whose seams are trimmed."""
