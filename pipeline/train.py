@@ -182,6 +182,11 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
     _seed_global(config.seed + rank.rank)
 
     loop = LoopState()
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"experiment folder {run_dir} already holds checkpoints; continue it with --resume latest, or "
+            "pick another experiment name (or delete the folder) to start over."
+        )
     if resume:
         path = resolve_resume(run_dir, resume)
         loop = load_checkpoint(path, transformer, optimizer, scheduler, settings, adapter_name=ADAPTER)
@@ -216,15 +221,17 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         try:
             model.train()
             while loop.step < config.max_steps:
+                start = None
                 if distributed.any_rank(stop.reason is not None, device):
                     stopped = stop.reason or "stopped by another rank"
                     break
-                start = _position(loop, generator, source)  # what a Ctrl-C mid-step saves
+                start = _position(loop, generator, source)  # what an interrupt mid-step saves
                 if preview is not None and config.plot_every and loop.step % config.plot_every == 0:
                     _run_preview(preview, transformer, source, loop.step, rank, device)
                 tic = time.perf_counter()
                 record = train_step(model, source, optimizer, scheduler, params, generator, sigmas, config,
                                     device, dtype)
+                start = None  # weights moved on: `start` no longer matches them
                 loop.step, loop.epoch = loop.step + 1, source.epoch
                 times.append(time.perf_counter() - tic)
                 logger.log(_record(loop, record, times[-1], config, rank, device))
@@ -233,17 +240,19 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
                 if config.save_every and loop.step % config.save_every == 0 and loop.step < config.max_steps:
                     save(_position(loop, generator, source))
         except KeyboardInterrupt:
-            # Raised outside the optimizer update (by a second Ctrl-C or the batch source): the
-            # weights are still those of `start`, which is therefore a consistent checkpoint.
-            stopped, loop = "interrupted (Ctrl-C)", start
-            save(start, collective=False)
+            stopped = "interrupted (Ctrl-C)"
+            if stop.hard:  # a second Ctrl-C may land inside the optimizer update: save nothing
+                _say(rank, f"stopped at once; the last checkpoint is {last_good}.")
+            else:  # raised by the batch source or the preview, before this step changed any weight
+                loop = start or _position(loop, generator, source)
+                save(loop, collective=False)
         except TrainingDiverged as exc:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
             raise TrainingDiverged(
                 f"training diverged at step {loop.step + 1}: {exc}; {where}. Lower learning_rate, keep "
                 "grad_clip on, or use precision fp32."
             ) from None
-        if stopped != "interrupted (Ctrl-C)" and saved_step != loop.step:
+        if not stop.hard and saved_step != loop.step:
             save(_position(loop, generator, source))  # the final checkpoint (also after SIGTERM)
         logger.plot()
     steady = times[1:] or times  # the first step pays for warm-up allocations
@@ -254,7 +263,7 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         "sec_per_step": sum(steady) / len(steady) if steady else None,
         "tensorboard": logger.has_tensorboard if rank.is_main else False,
     }
-    if stopped != "completed":
+    if stopped != "completed" and not stop.hard:
         _say(rank, f"{stopped}: stopped at step {loop.step}; checkpoint {last_good}. Continue with --resume latest.")
     return summary
 
@@ -319,6 +328,7 @@ class _StopRequest:
 
     def __init__(self):
         self.reason: str | None = None
+        self.hard = False  # the KeyboardInterrupt came from a second Ctrl-C
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopRequest":
@@ -336,6 +346,7 @@ class _StopRequest:
 
     def _on_sigint(self, signum, frame) -> None:
         if self.reason is not None:
+            self.hard = True
             raise KeyboardInterrupt
         self.reason = "interrupted (Ctrl-C)"
         print("\nStopping after this step and saving a checkpoint (Ctrl-C again to stop at once)...",

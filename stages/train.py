@@ -70,13 +70,18 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
     configs = plan_runs(project.train, options, presets, sweep)
     if resume and len(configs) > 1 and resume != "latest":
         raise ConfigError("--resume PATH needs a single run; with several presets/sweep runs use --resume latest.")
-    for i, config in enumerate(configs, 1):
-        if len(configs) > 1:
-            click.echo(f"=== run {i}/{len(configs)}: {config.run_name} (preset {config.preset}) ===")
-        summary = run_one(config, project, resume=resume, cache_dir=cache_dir)
-        if summary["stopped"] != "completed":
-            # Interrupted: later runs of a sweep are not started; a non-zero status tells DVC/the UI.
-            sys.exit(143 if summary["stopped"] == "SIGTERM" else 130)
+    from pipeline import distributed
+
+    try:
+        for i, config in enumerate(configs, 1):
+            if len(configs) > 1:
+                click.echo(f"=== run {i}/{len(configs)}: {config.run_name} (preset {config.preset}) ===")
+            summary = run_one(config, project, resume=resume, cache_dir=cache_dir)
+            if summary["stopped"] != "completed":
+                # Interrupted: later runs of a sweep are not started; a non-zero status tells DVC/the UI.
+                sys.exit(143 if summary["stopped"] == "SIGTERM" else 130)
+    finally:
+        distributed.cleanup()
 
 
 def plan_runs(params: dict, options: dict, presets: tuple[str, ...] = (), sweep: str | None = None) -> list[TrainConfig]:

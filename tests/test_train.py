@@ -232,6 +232,32 @@ def test_sigterm_saves_checkpoint_and_stops(tiny_transformer_dir, tmp_path):
     assert len(read_metrics(tmp_path / "term" / "metrics.jsonl")) == 3
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_once_finishes_the_step_twice_stops_at_once(tiny_transformer_dir, tmp_path, presses):
+    def ctrl_c(i, batch):
+        if i == 2:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    config = tiny_config(max_steps=10, save_every=2)
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    summary = train(config, model, SyntheticSource(on_batch=ctrl_c), tmp_path / "c")
+    assert summary["stopped"].startswith("interrupted")
+    names = [p.name for p in list_checkpoints(tmp_path / "c")]
+    if presses == 1:  # step 3 completes, then a checkpoint
+        assert summary["step"] == 3 and names == ["epoch=0-step=2_lora", "epoch=0-step=3_lora"]
+    else:  # out at once, nothing saved mid-update: the periodic checkpoint stands
+        assert names == ["epoch=0-step=2_lora"]
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tiny_transformer_dir, tmp_path):
+    config = tiny_config(max_steps=2, save_every=0, warmup_steps=0)
+    train(config, load_transformer_for_training(tiny_transformer_dir, config, "cpu"), SyntheticSource(), tmp_path / "r")
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume latest"):
+        train(config, load_transformer_for_training(tiny_transformer_dir, config, "cpu"), SyntheticSource(),
+              tmp_path / "r")
+
+
 def test_preview_callback_gets_transformer_batch_and_step(tiny_transformer_dir, tmp_path):
     calls = []
 
