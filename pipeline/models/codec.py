@@ -275,7 +275,9 @@ class MusicDCAE(nn.Module):
         time (``vocoder_overlap`` samples shared by neighbouring vocoder windows). Same result as
         ``decode`` up to the window seams, identical when the input fits one window of each."""
         if not 0 < dcae_hop < dcae_window or (dcae_window - dcae_hop) % 2:
-            raise ValueError(f"need 0 < dcae_hop < dcae_window with an even overlap, got {dcae_hop}, {dcae_window}")
+            raise ValueError(
+                f"need 0 < dcae_hop < dcae_window with an even overlap, got {dcae_hop}, {dcae_window}"
+            )
         if vocoder_overlap % HOP_LENGTH or vocoder_overlap < VOCODER_FADE:
             raise ValueError(f"vocoder_overlap must be a multiple of {HOP_LENGTH} and ≥ {VOCODER_FADE}")
         if vocoder_window * HOP_LENGTH <= vocoder_overlap:
