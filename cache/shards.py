@@ -458,9 +458,14 @@ def _remove_shard(location: CacheLocation, stream: str, name: str) -> None:
     location.remove_tree(stream, trash)
 
 
-def _next_shard_name(location: CacheLocation, stream: str) -> str:
+def _next_shard_name(location: CacheLocation, stream: str, worker: tuple[int, int] = (0, 1)) -> str:
+    """The next free shard number; with N parallel workers, worker i only takes numbers ≡ i (mod N),
+    so workers never pick the same name."""
+    index, total = worker
     numbers = [int(m.group(1)) for n in location.list_dir(stream) if (m := _SHARD_NUMBER.match(n))]
-    return f"shard-{(max(numbers) + 1) if numbers else 0:05d}{SHARD_SUFFIX}"
+    number = (max(numbers) + 1) if numbers else 0
+    number += (index - number) % total
+    return f"shard-{number:05d}{SHARD_SUFFIX}"
 
 
 def _next_generation(location: CacheLocation, stream: str) -> int:
@@ -468,12 +473,21 @@ def _next_generation(location: CacheLocation, stream: str) -> int:
     return 1 + max((i.generation for i in infos), default=0)
 
 
-def cleanup_temp(folder, storage_options: dict | None = None, streams: tuple[str, ...] | None = None) -> list[str]:
-    """Remove stores left by killed writers/removals (one writer per stream at a time)."""
+_TEMP_NUMBER = re.compile(r"^\.(?:tmp|trash)-shard-(\d+)-")
+
+
+def cleanup_temp(folder, storage_options: dict | None = None, streams: tuple[str, ...] | None = None,
+                 worker: tuple[int, int] = (0, 1)) -> list[str]:
+    """Remove stores left by killed writers/removals. With N parallel workers, worker i removes only
+    the temp stores of its own shard numbers (≡ i mod N), never a store another worker is writing."""
     location = folder if isinstance(folder, CacheLocation) else CacheLocation(folder, storage_options)
+    index, total = worker
     removed = []
     for stream in streams or STREAM_NAMES:
         for name in location.list_dir(stream):
+            match = _TEMP_NUMBER.match(name)
+            if total > 1 and (match is None or int(match.group(1)) % total != index):
+                continue
             if name.startswith((".tmp-", ".trash-")):
                 location.remove_tree(stream, name)
                 removed.append(f"{stream}/{name}")
@@ -507,14 +521,15 @@ class ShardWriter:
     """
 
     def __init__(self, folder, stream: str, fingerprint: str, settings: ShardSettings | None = None,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, worker: tuple[int, int] = (0, 1)):
         if stream not in STREAMS:
             raise ValueError(f"unknown stream {stream!r}; streams are {', '.join(STREAM_NAMES)}")
         self.settings = settings or ShardSettings()
         self.location = CacheLocation(folder, storage_options)
         self.stream = stream
         self.fingerprint = fingerprint
-        cleanup_temp(self.location, streams=(stream,))
+        self.worker = worker  # (index, total) when an encode step runs as N parallel workers
+        cleanup_temp(self.location, streams=(stream,), worker=worker)
         self._generation = _next_generation(self.location, stream)
         self._buffer: list[_PendingSong] = []
         self._seen: set[str] = set()
@@ -532,7 +547,7 @@ class ShardWriter:
     def flush(self) -> str | None:
         if not self._buffer:
             return None
-        name = _write_store(self.location, self.stream, _next_shard_name(self.location, self.stream),
+        name = _write_store(self.location, self.stream, _next_shard_name(self.location, self.stream, self.worker),
                             self._buffer, self.fingerprint, self._generation, self.settings)
         self._generation += 1
         self._buffer = []

@@ -74,8 +74,6 @@ class EncodeConfig:
     text_variants: int = 8  # prompt variants (tag shuffles / recaption picks) cached per song
     text_seed: int = 0
     storage_dtype: str = "bfloat16"  # float16 or bfloat16 in the Zarr shards
-    num_workers_total: int = 1  # split an encode step over N parallel workers...
-    worker_index: int = 0  # ...this one's index (0-based)
 
 
 @dataclass

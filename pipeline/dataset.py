@@ -366,6 +366,31 @@ def write_manifest(path: str | Path, songs: Iterable[Song]) -> bool:
     return True
 
 
+def text_content_hash(song: Song) -> str:
+    """What the text stream of a song is computed from (tags, lyrics, recaption)."""
+    payload = json.dumps({"tags": song.tags, "lyrics": song.lyrics, "recaption": song.recaption},
+                         sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def write_stage_views(songs: Iterable[Song], audio_list: str | Path, text_list: str | Path) -> None:
+    """Two narrow views of the manifest, one per kind of DVC stage.
+
+    The audio stages depend on ``audio_list`` (which changes only when audio changes) and the text
+    stage on ``text_list``: editing one prompt then reruns only the text step and what follows it.
+    """
+    songs = sorted(songs, key=lambda s: s.id)
+    audio = [{"id": s.id, "audio_path": s.audio_path, "audio_sha256": s.audio_sha256, "duration": s.duration}
+             for s in songs]
+    text = [{"id": s.id, "tags": s.tags, "lyrics": s.lyrics, "recaption": s.recaption,
+             "content_hash": text_content_hash(s)} for s in songs]
+    for path, rows in ((audio_list, audio), (text_list, text)):
+        body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+        path = Path(path)
+        if not (path.is_file() and path.read_text(encoding="utf-8") == body):
+            write_text_atomic(path, body)
+
+
 def read_manifest(path: str | Path) -> list[Song]:
     """The songs of a manifest written by `write_manifest` (DatasetError if missing or damaged)."""
     path = Path(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import IngestConfig, load_params
-from pipeline.dataset import RULES, read_previous_manifest, scan_dataset, write_manifest
+from pipeline.dataset import RULES, read_previous_manifest, scan_dataset, write_manifest, write_stage_views
 from pipeline.zip_import import GB, ZipLimits, import_zip
 
 INGEST_HELP = f"""Check the song triplets in the data folder and write the manifest.
@@ -45,6 +45,8 @@ def cli(data_dir: Path | None, manifest: Path | None, min_seconds: float | None,
         click.echo(f"Note: {line}", err=True)
     report.raise_for_problems()
     changed = write_manifest(manifest, report.songs)
+    # The per-stage views live beside the manifest (see write_stage_views).
+    write_stage_views(report.songs, manifest.parent / "audio_list.jsonl", manifest.parent / "text_list.jsonl")
     minutes = sum(s.duration for s in report.songs) / 60
     state = "written" if changed else "unchanged"
     click.echo(f"{len(report.songs)} songs ({minutes:.1f} min) -> {manifest} ({state})")

@@ -1,0 +1,97 @@
+"""The decode and encode steps of the cache, as library functions the DVC stages call.
+
+decode_songs: audio files → 48 kHz stereo float32 PCM (cache/pcm.py), once per audio content.
+encode_stream: PCM or text → one feature stream's Zarr shards, only for songs whose content hash
+or encoder fingerprint changed; songs that left the dataset leave the cache. Safe to kill: every
+shard is written atomically and the next run picks up exactly what is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cache.pcm import has_pcm, prune_pcm, read_pcm, write_pcm
+from cache.schema import SongFeatures
+from cache.shards import CacheIndex, ShardSettings, ShardWriter, apply_plan, plan_update
+from pipeline.audio import SAMPLE_RATE, load_audio, pad_to_min
+from pipeline.config import ProjectConfig
+from pipeline.errors import DatasetError
+from pipeline.features import AUDIO_STREAMS, STREAMS, StreamEncoder, stream_fingerprint
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: run `aceturbo ingest` (or `dvc repro`) first")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def worker_slot(worker_index: int | None = None, num_workers_total: int | None = None) -> tuple[int, int]:
+    """(index, total) of this encode worker: explicit values, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    total = num_workers_total or int(os.environ.get("WORLD_SIZE", "1"))
+    index = worker_index if worker_index is not None else int(os.environ.get("RANK", "0"))
+    if not 0 <= index < total:
+        raise DatasetError(f"worker index {index} is outside 0..{total - 1}")
+    return index, total
+
+
+@dataclass
+class StepSummary:
+    stream: str
+    encoded: int
+    kept: int
+    removed: int
+
+    def line(self) -> str:
+        return (f"{self.stream}: encoded {self.encoded}, up to date {self.kept}, "
+                f"removed {self.removed}")
+
+
+def decode_songs(project: ProjectConfig, progress: bool = True) -> StepSummary:
+    """Decode every song whose audio is not decoded yet; drop PCM of songs that are gone."""
+    rows = read_rows(project.paths.audio_list)
+    pcm_dir = project.paths.pcm
+    todo = [r for r in rows if not has_pcm(pcm_dir, r["audio_sha256"])]
+    data = Path(project.paths.data)
+    for row in tqdm(todo, desc="decode", unit="song", disable=not progress):
+        wav = pad_to_min(load_audio(data / row["audio_path"]), project.ingest.min_seconds)
+        write_pcm(pcm_dir, row["audio_sha256"], wav, SAMPLE_RATE, {"min_seconds": project.ingest.min_seconds})
+    removed = prune_pcm(pcm_dir, {r["audio_sha256"] for r in rows})
+    return StepSummary("decode", len(todo), len(rows) - len(todo), len(removed))
+
+
+def encode_stream(project: ProjectConfig, stream: str, worker: tuple[int, int] = (0, 1),
+                  progress: bool = True) -> StepSummary:
+    """Bring one feature stream of the cache up to date with the dataset."""
+    if stream not in STREAMS:
+        raise DatasetError(f"unknown stream {stream!r}; choose one of {', '.join(STREAMS)}")
+    audio = stream in AUDIO_STREAMS
+    rows = read_rows(project.paths.audio_list if audio else project.paths.text_list)
+    wanted = {r["id"]: (r["audio_sha256"] if audio else r["content_hash"]) for r in rows}
+    folder = project.paths.features
+    fingerprint = stream_fingerprint(stream, project.models, project.encode, project.ingest.min_seconds,
+                                     cache_dir=Path(project.paths.cache))
+    plan = plan_update(CacheIndex.open(folder, streams=(stream,)), stream, wanted, fingerprint)
+    index, total = worker
+    mine = plan.to_encode[index::total]
+    by_id = {r["id"]: r for r in rows}
+    if mine:
+        encoder = StreamEncoder(stream, project.models, project.encode)
+        settings = ShardSettings(float_storage=project.encode.storage_dtype)
+        with ShardWriter(folder, stream, fingerprint, settings, worker=worker) as writer:
+            for key in tqdm(mine, desc=f"encode {stream}", unit="song", disable=not progress):
+                row = by_id[key]
+                if audio:
+                    tensor = encoder.audio(read_pcm(project.paths.pcm, row["audio_sha256"]))
+                    song = SongFeatures(key=key, **{stream: tensor})
+                else:
+                    song = SongFeatures(key=key, **encoder.text(key, row["tags"], row.get("recaption") or {},
+                                                                row["lyrics"]))
+                writer.add(key, song, wanted[key])
+    removed = sum(1 for keep in plan.shards.values() if not keep)
+    if index == 0:  # one worker tidies up: stale songs and superseded copies leave the cache
+        apply_plan(folder, stream, plan, ShardSettings(float_storage=project.encode.storage_dtype))
+    return StepSummary(stream, len(mine), len(wanted) - len(plan.to_encode), removed)
