@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def encode_stream(project: ProjectConfig, stream: str, worker: tuple[int, int] =
                                      cache_dir=Path(project.paths.cache))
     plan = plan_update(CacheIndex.open(folder, streams=(stream,)), stream, wanted, fingerprint)
     index, total = worker
-    mine = plan.to_encode[index::total]
+    # Split by a stable hash of the key, not by position: workers that start at different times
+    # (or a rerun of one worker) still agree on who encodes which song.
+    mine = [k for k in plan.to_encode if zlib.crc32(k.encode("utf-8")) % total == index]
     by_id = {r["id"]: r for r in rows}
     if mine:
         encoder = StreamEncoder(stream, project.models, project.encode)
