@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,18 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
     configs = plan_runs(project.train, options, presets, sweep)
     if resume and len(configs) > 1 and resume != "latest":
         raise ConfigError("--resume PATH needs a single run; with several presets/sweep runs use --resume latest.")
+    if not resume:  # refuse before loading anything (train() would refuse too, later)
+        from pipeline.train_state import latest_checkpoint
+
+        for config in configs:
+            run_dir = Path(project.paths.exps) / config.run_name
+            if latest_checkpoint(run_dir) is not None:
+                raise ConfigError(f"experiment folder {run_dir} already holds checkpoints; continue it with "
+                                  "--resume latest, or pick another --experiment (or delete the folder).")
     from pipeline import distributed
 
     try:
+        warnings.showwarning = _one_line_warning
         for i, config in enumerate(configs, 1):
             if len(configs) > 1:
                 click.echo(f"=== run {i}/{len(configs)}: {config.run_name} (preset {config.preset}) ===")
@@ -81,7 +91,15 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
                 # Interrupted: later runs of a sweep are not started; a non-zero status tells DVC/the UI.
                 sys.exit(143 if summary["stopped"] == "SIGTERM" else 130)
     finally:
+        warnings.showwarning = _show_warning
         distributed.cleanup()
+
+
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"Warning: {message}", err=True)
 
 
 def plan_runs(params: dict, options: dict, presets: tuple[str, ...] = (), sweep: str | None = None) -> list[TrainConfig]:
@@ -211,17 +229,12 @@ def make_preview(config: TrainConfig, project, run_dir: Path):
 
 
 def _manifest_texts(project) -> dict[str, tuple[str, str]]:
-    """{song id: (prompt, lyrics)} from the manifest, for the preview's text file (best effort)."""
-    texts = {}
-    path = Path(project.paths.manifest)
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                song = json.loads(line)
-                texts[str(song["id"])] = (", ".join(song.get("tags") or []), song.get("lyrics") or "")
-            except (ValueError, KeyError, TypeError):
-                continue
-    return texts
+    """{song id: (prompt, lyrics)} from the manifest, for the preview's text file (empty if none)."""
+    from pipeline.dataset import read_manifest
+
+    if not Path(project.paths.manifest).is_file():
+        return {}
+    return {s.id: (", ".join(s.tags), s.lyrics) for s in read_manifest(project.paths.manifest)}
 
 
 def _transformer_config(folder: Path) -> dict:
