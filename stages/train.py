@@ -71,14 +71,6 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
     configs = plan_runs(project.train, options, presets, sweep)
     if resume and len(configs) > 1 and resume != "latest":
         raise ConfigError("--resume PATH needs a single run; with several presets/sweep runs use --resume latest.")
-    if not resume:  # refuse before loading anything (train() would refuse too, later)
-        from pipeline.train_state import latest_checkpoint
-
-        for config in configs:
-            run_dir = Path(project.paths.exps) / config.run_name
-            if latest_checkpoint(run_dir) is not None:
-                raise ConfigError(f"experiment folder {run_dir} already holds checkpoints; continue it with "
-                                  "--resume latest, or pick another --experiment (or delete the folder).")
     from pipeline import distributed
 
     try:
@@ -161,6 +153,9 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     paths = project.models.paths()
     transformer_dir = paths.require("ace_step_transformer")
     run_dir = Path(project.paths.exps) / config.run_name
+    if not resume and rank.is_main:
+        set_aside_previous(run_dir)
+    distributed.barrier()  # the other ranks must not see the old folder
     if rank.is_main:
         _write_json(_workspace(project) / "configs" / "lora_config.json", config.to_dict())
         click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, alpha={config.alpha}, "
@@ -181,6 +176,24 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         click.echo(f"done: {summary['step']} steps, last loss {summary['last_loss']}{speed}; "
                    f"LoRA in {summary['checkpoint']}")
     return summary
+
+
+def set_aside_previous(run_dir: Path) -> Path | None:
+    """A new run (no --resume) of an experiment that already has a folder moves that folder to
+    ``<experiment>.previous`` (replacing an older one). So `dvc repro` can retrain after a data or
+    settings change (dvc.yaml keeps the run folder: persist), and the last run is never lost to a
+    repeated command."""
+    import shutil
+
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    previous = run_dir.with_name(run_dir.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    run_dir.replace(previous)
+    click.echo(f"note: a new run of '{run_dir.name}': the previous one moved to {previous} "
+               "(use --resume latest to continue a run instead).")
+    return previous
 
 
 def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, device, rank):
