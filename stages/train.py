@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.train_config import TrainConfig, build_config, fields_help
 
 _KIND_TYPES = {"int": int, "float": float, "str": str}
@@ -270,4 +270,4 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-__all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_batches", "CacheError"]
+__all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_batches", "set_aside_previous", "expected_fingerprints"]
