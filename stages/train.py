@@ -180,16 +180,18 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
 
 def set_aside_previous(run_dir: Path) -> Path | None:
     """A new run (no --resume) of an experiment that already has a folder moves that folder to
-    ``<experiment>.previous`` (replacing an older one). So `dvc repro` can retrain after a data or
-    settings change (dvc.yaml keeps the run folder: persist), and the last run is never lost to a
-    repeated command."""
-    import shutil
+    ``<experiment>.previous-<time>``. So `dvc repro` can retrain after a data or settings change
+    (dvc.yaml keeps the run folder: persist), and no earlier run is ever lost to a repeated command
+    (delete old ones yourself when you no longer want them)."""
+    import time
 
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return None
-    previous = run_dir.with_name(run_dir.name + ".previous")
-    if previous.exists():
-        shutil.rmtree(previous)
+    previous = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while previous.exists():
+        n += 1
+        previous = previous.with_name(f"{previous.name.split('~')[0]}~{n}")
     run_dir.replace(previous)
     click.echo(f"note: a new run of '{run_dir.name}': the previous one moved to {previous} "
                "(use --resume latest to continue a run instead).")
