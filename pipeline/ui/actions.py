@@ -538,21 +538,19 @@ def start_convert(proj: ProjectConfig) -> Job:
 
 
 def convert_progress(log_text: str) -> tuple[float, str]:
-    """(fraction done, current step) from the convert log (DVC names each stage it runs/skips)."""
+    """(fraction done, current step) from the convert log: `aceturbo ingest` prints its summary, then
+    DVC names each stage it runs ("Running stage 'X'" ... "Updating lock file") or skips."""
     done, current = 0, "starting"
-    if "songs (" in log_text or "->" in log_text:
-        done, current = max(done, 1), "ingest"
-    for match in re.finditer(r"(?:Running stage|Stage) '([^']+)'", log_text):
-        name = match.group(1)
-        if name in CONVERT_STAGES:
-            index = CONVERT_STAGES.index(name)
-            finished = "didn't change" in log_text[match.end(): match.end() + 40]
-            done = max(done, index + (1 if finished else 0))
-            current = name
-    if re.search(r"Updating lock file|Use `dvc push`|Data and pipelines are up to date", log_text):
-        last = [m.group(1) for m in re.finditer(r"Running stage '([^']+)'", log_text)]
-        if last and last[-1] in CONVERT_STAGES:
-            done = max(done, CONVERT_STAGES.index(last[-1]) + 1)
+    for line in log_text.split("\n"):
+        if re.search(r"\d+ songs \(.*\) -> ", line) and current == "starting":
+            done, current = 1, "ingest"
+        m = re.search(r"(Running stage|Stage) '([^']+)'", line)
+        if m and m.group(2) in CONVERT_STAGES:
+            index = CONVERT_STAGES.index(m.group(2))
+            current = m.group(2)
+            done = max(done, index + (1 if "didn't change" in line else 0))
+        elif line.startswith("Updating lock file") and current in CONVERT_STAGES:
+            done = max(done, CONVERT_STAGES.index(current) + 1)
     return min(1.0, done / len(CONVERT_STAGES)), current
 
 
