@@ -1,0 +1,77 @@
+"""`dvc repro` on a copy of the project with the demo models: full run, no-op rerun, a prompt edit
+reruns only the text step and training, a new song is encoded alone (scripted check for CI)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="dvc needs git")
+
+
+def _project_copy(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("workspace/", "tests/", "docs/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+
+
+def _repro(cwd: Path) -> list[str]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return re.findall(r"Running stage '([\w-]+)'", result.stdout)
+
+
+def test_dvc_repro_full_noop_prompt_edit_and_new_song(tmp_path):
+    from pipeline.tiny.demo import build_demo_checkpoint
+    from pipeline.tiny.songs import make_demo_songs
+
+    project = tmp_path / "project"
+    _project_copy(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(max_steps=2, save_every=2, gradient_checkpointing=False)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data = project / "workspace" / "data"
+    make_demo_songs(data, n=2, seconds=4.0)
+    build_demo_checkpoint(project / "workspace/checkpoints/demo",
+                          [p.read_text() for p in data.glob("*_lyrics.txt")])
+    all_stages = ["ingest", "decode", "encode-latents", "encode-mert", "encode-mhubert", "encode-text", "train"]
+
+    assert sorted(_repro(project)) == sorted(all_stages)
+    run = project / "workspace/exps/logs/demo"
+    assert (run / "checkpoints" / "epoch=0-step=2_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "metrics.jsonl").is_file() and (run / "loss.png").is_file()
+
+    assert _repro(project) == [], "a second dvc repro must do nothing"
+
+    prompt = next(data.glob("*_prompt.txt"))
+    prompt.write_text("lofi, piano\n", encoding="utf-8")
+    assert _repro(project) == ["ingest", "encode-text", "train"]
+
+    make_demo_songs(data / "new", n=1, seconds=4.0, seed=5)
+    ran = _repro(project)
+    assert ran == all_stages
+    from cache.shards import CacheIndex
+
+    index = CacheIndex.open(project / "workspace/cache/features")
+    for stream in ("latents", "mert", "mhubert", "text"):
+        assert len(index.keys(stream)) == 3
+        # the new song went into a shard of its own: one song encoded, the others untouched (the
+        # text stream also holds the re-encoded edited song in its own shard)
+        expected = [1, 1, 1] if stream == "text" else [1, 2]
+        assert sorted(len(s.songs) for s in index.shards[stream]) == expected
+    assert list(project.glob("workspace/exps/logs/demo.previous-*")), "earlier runs are kept"
