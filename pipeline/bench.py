@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("floor", "cached", "live")
+MODES = ("floor", "cached", "live", "paired")
 SIZES = ("demo", "small", "full")
 STREAMS = ("latents", "mert", "mhubert", "text")
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; matched on the
@@ -370,8 +370,8 @@ def _child_prepare(spec: dict) -> dict:
         params = _param_bytes(encoder.model)
         del encoder
         tic = time.perf_counter()
-        encode_stream(project, stream, progress=False)
-        stage_s = time.perf_counter() - tic
+        stage = encode_stream(project, stream, progress=False)
+        stage_s = time.perf_counter() - tic if stage.encoded else None  # None: the cache was up to date
         streams[stream] = {"load_s": load_s, "encode_s": encode_s, "stage_s": stage_s,
                            "audio_s_per_s": audio_s / encode_s if encode_s > 0 else None, **params}
     return {"audio_seconds": audio_s, "decode_s": decode_s, "streams": streams, "peak_rss_mb": peak_rss_mb()}
@@ -384,6 +384,20 @@ def _param_bytes(model) -> dict:
     module = model.model if hasattr(model, "model") and isinstance(getattr(model, "model"), torch.nn.Module) else model
     params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
     return {"params": sum(p.numel() for p in params), "param_bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
+class _Alternate:
+    """paired mode: the fixed device batch, then a cache batch, then the fixed one again, ... so the
+    floor and cached steps interleave in one process and share whatever load the machine has."""
+
+    def __init__(self, loader, batch: dict):
+        self.loader, self.batch = loader, batch
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            yield self.batch
+            yield next(batches)
 
 
 class _Repeat:
@@ -451,8 +465,9 @@ def _child_train(spec: dict) -> dict:
         if mode == "cached":
             batches = loader
         else:
-            first = next(iter(loader))
-            batches = _Repeat(_to_device(first, device, PRECISION_DTYPES[config.precision]))
+            first = _to_device(next(iter(loader)), device, PRECISION_DTYPES[config.precision])
+            batches = _Alternate(make_loader(project.paths.features, settings), first) if mode == "paired" \
+                else _Repeat(first)
             del loader
     transformer = load_transformer_for_training(transformer_dir, config, device)
     result["transformer_params"] = sum(p.numel() for p in transformer.parameters())
@@ -488,6 +503,11 @@ def _child_train(spec: dict) -> dict:
     times = [json.loads(line)["sec_per_step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     warm = spec["warmup"]
     steady = times[warm:] or times
+    if mode == "paired":  # even steps: the fixed batch (floor), odd steps: the cache; warm-up in pairs
+        floor_t, cached_t = times[2 * warm::2], times[2 * warm + 1::2]
+        steady = cached_t
+        result.update(floor_times=floor_t, floor_median_s=statistics.median(floor_t),
+                      cached_over_floor=statistics.median(cached_t) / statistics.median(floor_t))
     result.update(step_times=times, median_s=statistics.median(steady), warmup=warm, steps=len(steady),
                   loadavg_1min=os.getloadavg()[0],
                   last_loss=summary.get("last_loss"), shapes=shapes, peak_rss_mb=peak_rss_mb())
@@ -599,7 +619,9 @@ def run_benchmark(settings: BenchSettings, echo=print) -> dict:
             for mode in settings.modes:
                 run_dir = root / "runs" / f"{settings.size}-{mode}-r{rank}"
                 shutil.rmtree(run_dir, ignore_errors=True)
-                train = {"rank": rank, "precision": settings.precision, "max_steps": settings.warmup + settings.steps,
+                pairs = 2 if mode == "paired" else 1
+                train = {"rank": rank, "precision": settings.precision,
+                         "max_steps": pairs * (settings.warmup + settings.steps),
                          "save_every": 0, "keep_last": 1, "seed": settings.seed, "device": settings.device,
                          "warmup_steps": 1, "gradient_checkpointing": settings.gradient_checkpointing,
                          "log_plot_every": 10**6, "experiment": "bench"}
@@ -664,6 +686,7 @@ def summary_rows(record: dict) -> list[dict]:
         rows.append({
             "rank": int(rank), "floor_s": floor, "cached_s": cached, "live_s": live,
             "cached_over_floor": cached / floor if cached and floor else None,
+            "paired_cached_over_floor": get("paired", "cached_over_floor"),
             "live_over_cached": live / cached if live and cached else None,
             "cached_peak_mb": get("cached", mem_key), "live_peak_mb": get("live", mem_key),
             "floor_peak_mb": get("floor", mem_key), "encoders_mb": (get("live", "encoders_param_bytes") or 0) / 2**20,
@@ -679,11 +702,12 @@ def table_text(record: dict) -> str:
              f"{record['precision']}, song {record['song_seconds']:g} s, median of {record['steps']} steps "
              f"after {record['warmup']} warm-up"]
     mem = "GPU peak MiB" if record["device"] == "cuda" else "peak RSS MiB"
-    lines.append(f"{'r':>4} {'floor s':>9} {'cached s':>9} {'live s':>9} {'cached/floor':>12} {'live/cached':>11} "
+    lines.append(f"{'r':>4} {'floor s':>9} {'cached s':>9} {'live s':>9} {'cached/floor':>12} {'paired':>7} {'live/cached':>11} "
                  f"{'cached ' + mem:>20} {'live ' + mem:>18} {'TFLOP/s':>8}")
     for r in summary_rows(record):
         lines.append(f"{r['rank']:>4} {_fmt(r['floor_s']):>9} {_fmt(r['cached_s']):>9} {_fmt(r['live_s']):>9} "
-                     f"{_fmt(r['cached_over_floor']):>12} {_fmt(r['live_over_cached']):>11} "
+                     f"{_fmt(r['cached_over_floor']):>12} {_fmt(r['paired_cached_over_floor']):>7} "
+                     f"{_fmt(r['live_over_cached']):>11} "
                      f"{_fmt(r['cached_peak_mb']):>20} {_fmt(r['live_peak_mb']):>18} {_fmt(r['achieved_tflops']):>8}")
     lines.append(f"loader {record['loader_samples_per_s']:.1f} samples/s; cache "
                  f"{record['cache']['mb_per_minute']['total']:.2f} MB per minute of audio")
@@ -720,14 +744,16 @@ def _md_run(record: dict) -> list[str]:
         f", loader workers {record['num_workers']}."
         + (" Absolute times are for THIS CPU only; compare ratios." if record["device"] == "cpu" else ""),
         "",
-        f"| LoRA r | floor s/step | cached s/step | live s/step | cached ÷ floor | live ÷ cached | "
-        f"cached {mem_unit} | live {mem_unit} | floor {mem_unit} | encoders' weights MiB | step TFLOP | achieved TFLOP/s"
+        f"| LoRA r | floor s/step | cached s/step | live s/step | cached ÷ floor | cached ÷ floor, paired | live ÷ cached | "
+        f"cached {mem_unit} | live {mem_unit} | floor {mem_unit} | encoders' weights MiB | step TFLOP | "
+        f"achieved TFLOP/s (step TFLOP ÷ cached s)"
         + (" | of bf16 peak |" if record["device"] == "cuda" else " |"),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if record["device"] == "cuda" else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if record["device"] == "cuda" else ""),
     ]
     for r in summary_rows(record):
         row = (f"| {r['rank']} | {_fmt(r['floor_s'])} | {_fmt(r['cached_s'])} | {_fmt(r['live_s'])} | "
-               f"{_fmt(r['cached_over_floor'])} | {_fmt(r['live_over_cached'])} | {_fmt(r['cached_peak_mb'])} | "
+               f"{_fmt(r['cached_over_floor'])} | {_fmt(r['paired_cached_over_floor'])} | {_fmt(r['live_over_cached'])} | "
+               f"{_fmt(r['cached_peak_mb'])} | "
                f"{_fmt(r['live_peak_mb'])} | {_fmt(r['floor_peak_mb'])} | {_fmt(r['encoders_mb'])} | "
                f"{_fmt(r['step_tflop'], 4)} | {_fmt(r['achieved_tflops'])} |")
         if record["device"] == "cuda":
@@ -748,7 +774,7 @@ def _md_run(record: dict) -> list[str]:
         + ", ".join(f"{s} {v:.2f}" for s, v in cache.items() if s != "total") + "); "
         f"decode {record['prepare']['decode_s']:.2f} s for {record['prepare']['audio_seconds']:.0f} s of audio.",
         "",
-        "| stream | encoder params | load s | encode s | s of audio per s | encode stage s (load+hash+write) |",
+        "| stream | encoder params | load s | encode s | s of audio per s | encode stage s (load+hash+encode+write; – = cache was up to date) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for s, v in enc.items():
@@ -779,6 +805,8 @@ def write_reports(results: dict, md_path: Path, json_path: Path) -> None:
         "- **floor**: one batch already on the device, fed again every step — the transformer's forward +",
         "  backward + AdamW step alone, what any data path adds to;",
         "- **cached**: batches from the Zarr feature cache (`cache.loader.make_loader`) — the product;",
+        "- **paired**: floor and cached steps alternating in ONE process (fixed batch, cache batch, ...), so",
+        "  both share the same machine load; its cached ÷ floor is the robust one on a shared machine;",
         "- **live**: batches encoded every step (`pipeline.live.LiveSource`: decode MP3 + DCAE + MERT +",
         "  mHuBERT + UMT5), what the original trainers do. On a GPU the encoders are kept resident on the",
         "  device (as the official trainer does) so live is not slowed by weight transfers.",

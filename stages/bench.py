@@ -23,7 +23,7 @@ import click
               help="Timed optimizer steps per mode (the median is reported).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
               help="Steps run before the timed ones, excluded from the median.")
-@click.option("--modes", default="floor,cached,live", show_default=True, help="Which modes to run.")
+@click.option("--modes", default="floor,cached,live,paired", show_default=True, help="Which modes to run.")
 @click.option("--songs", type=click.IntRange(min=1), default=1, show_default=True, help="Songs in the dataset.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
