@@ -629,20 +629,29 @@ def run_dir(proj: ProjectConfig, name: str) -> Path:
     return Path(proj.paths.exps) / name
 
 
+def train_log_path(proj: ProjectConfig, experiment: str) -> Path:
+    """Where the UI keeps a run's console output: workspace/ui/logs/<experiment>.log (appended, one
+    header per start). Not inside the run folder: a fresh run moves an existing run folder aside
+    (stages.train.set_aside_previous), which would carry an open log away with it."""
+    run_dir(proj, experiment)  # validates the name
+    return ui_dir(proj) / "logs" / f"{experiment}.log"
+
+
 def start_training(proj: ProjectConfig, preset: str, values: dict[str, Any], resume: bool = False) -> Job:
-    """Start `aceturbo train` as its own process; its output goes to <run>/train.log."""
+    """Start `aceturbo train` as its own process, output appended to train_log_path()."""
     from pipeline.train_state import latest_checkpoint
 
     argv, config = train_argv(proj, preset, values, resume=resume)
     folder = run_dir(proj, config.run_name)
     if resume and latest_checkpoint(folder) is None:
         raise UIError(f"nothing to resume: {folder / 'checkpoints'} holds no checkpoint; press Start")
-    if not resume and latest_checkpoint(folder) is not None:
-        raise UIError(f"run {config.run_name!r} already has checkpoints in {folder}; press Resume to continue "
-                      "it, or type another experiment name to start a new run")
-    return start_job(proj, "train", argv, folder / "train.log",
+    note = ""
+    if not resume and folder.is_dir() and any(folder.iterdir()):
+        note = (f"{folder} already exists: the trainer moves it to {config.run_name}.previous-<time> "
+                "(nothing is lost; Resume continues a run instead)")
+    return start_job(proj, "train", argv, train_log_path(proj, config.run_name),
                      info={"experiment": config.run_name, "run_dir": str(folder), "max_steps": config.max_steps,
-                           "resume": resume, "command": shown_command(argv)})
+                           "resume": resume, "command": shown_command(argv), "note": note})
 
 
 def stop_training(proj: ProjectConfig) -> str:
@@ -656,12 +665,12 @@ def list_runs(proj: ProjectConfig) -> list[str]:
     if not root.is_dir():
         return []
     runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-            and any((p / n).exists() for n in ("metrics.jsonl", "checkpoints", "train.log"))]
+            and any((p / n).exists() for n in ("metrics.jsonl", "checkpoints", "train_config.json"))]
     return [p.name for p in sorted(runs, key=_activity, reverse=True)]
 
 
 def _activity(folder: Path) -> float:
-    times = [folder.stat().st_mtime] + [(folder / n).stat().st_mtime for n in ("metrics.jsonl", "train.log", "checkpoints")
+    times = [folder.stat().st_mtime] + [(folder / n).stat().st_mtime for n in ("metrics.jsonl", "train_config.json", "checkpoints")
                                        if (folder / n).exists()]
     return max(times)
 
@@ -676,10 +685,18 @@ def loss_table(records: list[dict[str, Any]]):
     """Long-format DataFrame (step, value, series) of the losses, for gr.LinePlot."""
     import pandas as pd
 
-    rows = [{"step": r["step"], "value": float(r[name]), "series": name}
-            for r in records for name in LOSS_SERIES
-            if isinstance(r.get(name), (int, float)) and isinstance(r.get("step"), int)]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    steps, values, series = [], [], []
+    for r in records:
+        if not isinstance(r.get("step"), int):
+            continue
+        for name in LOSS_SERIES:
+            if isinstance(r.get(name), (int, float)):
+                steps.append(r["step"])
+                values.append(float(r[name]))
+                series.append(name)
+    # Typed columns even when empty: the plot fixes its axis types from the first frame it gets.
+    return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "value": pd.Series(values, dtype="float64"),
+                         "series": pd.Series(series, dtype="object")})
 
 
 def speed(records: list[dict[str, Any]], max_steps: int | None, window: int = 10) -> dict[str, Any]:

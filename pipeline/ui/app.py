@@ -25,6 +25,8 @@ CKPT_HEADERS = ["checkpoint", "step", "epoch", "loss at step"]
 # Field groups of the training form, by the first field of each group (TrainConfig's order).
 GROUPS = (("Run", "experiment"), ("LoRA", "rank"), ("Optimiser and schedule", "learning_rate"),
           ("Objective", "shift"), ("Data", "batch_size"), ("Outputs", "save_every"))
+# Fixed series colours: the plot must know all four series before the first metrics arrive.
+LOSS_COLORS = {"loss": "#1f77b4", "denoise_loss": "#ff7f0e", "mert_loss": "#2ca02c", "mhubert_loss": "#d62728"}
 CSS = """
 .aceturbo-log textarea { font-family: ui-monospace, monospace; font-size: 12px; }
 .aceturbo-progress progress { width: 100%; height: 18px; }
@@ -32,11 +34,11 @@ CSS = """
 
 
 def _ok(text: str) -> str:
-    return f"✅ {text}"
+    return f"**Done:** {text}"
 
 
 def _err(exc: Exception) -> str:
-    return "❌ " + str(exc).replace("\n", "  \n")
+    return "**Error:** " + str(exc).replace("\n", "  \n")
 
 
 def _progress_html(fraction: float, label: str) -> str:
@@ -131,11 +133,11 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                 train_status = gr.Markdown(elem_id="train-status")
                 with gr.Row():
                     with gr.Column(scale=3):
-                        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Training losses",
+                        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Training losses", color_map=LOSS_COLORS,
                                                 x_title="step", y_title="loss", height=300, elem_id="loss-plot")
                         speed_md = gr.Markdown(elem_id="train-speed")
                     with gr.Column(scale=2):
-                        train_log = gr.Textbox(label="Training log (train.log in the run folder)", lines=14,
+                        train_log = gr.Textbox(label="Training log (workspace/ui/logs/<experiment>.log)", lines=14,
                                                max_lines=14, autoscroll=True, elem_classes=["aceturbo-log"],
                                                elem_id="train-log")
                 field_inputs: list[gr.components.Component] = []
@@ -163,20 +165,20 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                         ckpt_pick = gr.Dropdown(label="Checkpoint", choices=[], elem_id="ckpt-pick")
                         preview_pick = gr.Dropdown(label="Training previews (eval_results)", choices=[])
                         preview_audio = gr.Audio(label="Preview", type="filepath", interactive=False)
-                        dl_kind = gr.Radio(list(A.DOWNLOAD_KINDS), value=A.DOWNLOAD_KINDS[0], label="Download LoRA as")
-                        dl_btn = gr.Button("Prepare download")
-                        dl_file = gr.File(label="LoRA", interactive=False)
-                        dl_msg = gr.Markdown()
+                        dl_kind = gr.Radio(list(A.DOWNLOAD_KINDS), value=A.DOWNLOAD_KINDS[0], label="Download LoRA as", elem_id="dl-kind")
+                        dl_btn = gr.Button("Prepare download", elem_id="prepare-download")
+                        dl_file = gr.File(label="LoRA", interactive=False, elem_id="dl-file")
+                        dl_msg = gr.Markdown(elem_id="dl-msg")
                     with gr.Column():
                         gen_prompt = gr.Textbox(label="Prompt", value="synthwave, female vocals, 120 bpm")
                         gen_lyrics = gr.Textbox(label="Lyrics", lines=4, value="[verse]\nhello from the ui")
                         with gr.Row():
-                            gen_duration = gr.Number(label="Seconds", value=10.0, minimum=1)
-                            gen_steps = gr.Number(label="Steps", value=27, precision=0, minimum=1)
+                            gen_duration = gr.Number(label="Seconds", value=10.0, minimum=1, elem_id="gen-seconds")
+                            gen_steps = gr.Number(label="Steps", value=27, precision=0, minimum=1, elem_id="gen-steps")
                             gen_seed = gr.Number(label="Seed", value=0, precision=0)
-                        gen_btn = gr.Button("Generate a sample with this checkpoint", variant="primary")
-                        gen_audio = gr.Audio(label="Sample", type="filepath", interactive=False)
-                        gen_log = gr.Textbox(label="generate output", lines=4, elem_classes=["aceturbo-log"])
+                        gen_btn = gr.Button("Generate a sample with this checkpoint", variant="primary", elem_id="generate")
+                        gen_audio = gr.Audio(label="Sample", type="filepath", interactive=False, elem_id="gen-audio")
+                        gen_log = gr.Textbox(label="generate output", lines=4, elem_classes=["aceturbo-log"], elem_id="gen-log")
 
         timer = gr.Timer(poll_seconds)
         seen = gr.State({})
@@ -202,9 +204,9 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
             except AceTurboError as exc:
                 return None, "", "", _err(exc)
             audio = str((view.data_dir / song.audio).resolve()) if song.audio else None
-            msgs = [f"- ❌ {A._short(m, view.data_dir)}" for m in song.problems]
-            msgs += [f"- ⚠️ {A._short(m, view.data_dir)}" for m in song.warnings]
-            msgs += [f"- ℹ️ {A._short(m, view.data_dir)}" for m in song.notes]
+            msgs = [f"- **problem:** {A._short(m, view.data_dir)}" for m in song.problems]
+            msgs += [f"- **warning:** {A._short(m, view.data_dir)}" for m in song.warnings]
+            msgs += [f"- note: {A._short(m, view.data_dir)}" for m in song.notes]
             dur = f"{song.duration:.1f} s" if song.duration is not None else "unknown length"
             return audio, prompt, lyrics, f"**{song.id}** — {dur}, {song.status}\n" + "\n".join(msgs)
 
@@ -303,7 +305,8 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
         def do_start(name, *values, resume=False):
             try:
                 job = A.start_training(proj(), name, form_values(values), resume=resume)
-                return _ok(f"started `{job.info['command']}` → {job.info['run_dir']}")
+                note = f"  \nNote: {job.info['note']}" if job.info.get("note") else ""
+                return _ok(f"started `{job.info['command']}` → {job.info['run_dir']}") + note
             except AceTurboError as exc:
                 return _err(exc)
 
@@ -403,10 +406,11 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
             if state.get("metrics") != mkey:
                 state["metrics"] = mkey
                 records = A.run_metrics(folder)
-                out += [A.loss_table(records), A.format_speed(A.speed(records, max_steps))]
+                # No empty frame: the plot's first data fixes its series (an empty one draws no lines).
+                out += [A.loss_table(records) if records else gr.skip(), A.format_speed(A.speed(records, max_steps))]
             else:
                 out += [gr.skip(), gr.skip()]
-            log_path = Path(tjob.log) if tjob else folder / "train.log"
+            log_path = Path(tjob.log) if tjob else A.train_log_path(p, folder.name)
             ltext = A.tail(log_path, 80)
             lkey = (str(log_path), len(ltext), ltext[-200:])
             if state.get("log") != lkey:
