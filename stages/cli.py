@@ -13,43 +13,42 @@ import click
 
 from pipeline.errors import AceTurboError
 
-# name -> "module:click object". Keep in the order a user meets them.
-COMMANDS: dict[str, str] = {
-    "demo": "stages.demo:cli",
-    "import-zip": "stages.ingest:import_zip_cli",
-    "ingest": "stages.ingest:cli",
-    "export-hf": "stages.export_hf:cli",
-    "decode": "stages.decode:cli",
-    "encode": "stages.encode:cli",
-    "cache": "stages.cache_info:cli",
-    "train": "stages.train:cli",
-    "generate": "stages.generate:cli",
-    "export-lora": "stages.export_lora:cli",
-    "bench": "stages.bench:cli",
-    "ui": "stages.ui:cli",
+# name -> ("module:click object", one-line help). Keep in the order a user meets them. The help is
+# here (not read from the module) so that `aceturbo --help` imports no stage and stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("stages.demo:cli", "Run the whole pipeline on demo songs with a tiny random-weight checkpoint."),
+    "import-zip": ("stages.ingest:import_zip_cli", "Unpack a ZIP of song triplets into the data folder (safely)."),
+    "ingest": ("stages.ingest:cli", "Check the song triplets and write the manifest."),
+    "export-hf": ("stages.export_hf:cli", "Export the dataset in the official trainer's Hugging Face format."),
+    "decode": ("stages.decode:cli", "Decode new or changed songs to 48 kHz stereo PCM."),
+    "encode": ("stages.encode:cli", "Encode one feature stream (latents|mert|mhubert|text) into the cache."),
+    "cache": ("stages.cache_info:cli", "Inspect the feature cache (`aceturbo cache info`)."),
+    "train": ("stages.train:cli", "Train a LoRA from the cache (or --live); checkpoints, metrics, loss.png."),
+    "generate": ("stages.generate:cli", "Generate a song with the base model and an optional LoRA."),
+    "export-lora": ("stages.export_lora:cli", "Copy a LoRA in the official layout, optionally alpha-baked."),
+    "bench": ("stages.bench:cli", "Measure cached vs live training speed, memory and cache size."),
+    "ui": ("stages.ui:cli", "Start the web UI (default http://127.0.0.1:7870)."),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return [name for name in COMMANDS if self._load(name) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         return self._load(name)
 
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
     @staticmethod
     def _load(name):
-        target = COMMANDS.get(name)
-        if target is None:
+        entry = COMMANDS.get(name)
+        if entry is None:
             return None
-        module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # that stage is not written yet
-                return None
-            raise
-        return getattr(module, attr)
+        module_name, attr = entry[0].split(":")
+        return getattr(importlib.import_module(module_name), attr)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
