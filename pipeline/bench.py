@@ -344,8 +344,8 @@ def _child_prepare(spec: dict) -> dict:
     write_manifest(manifest, report.songs)
     write_stage_views(report.songs, project.paths.audio_list, project.paths.text_list)
     tic = time.perf_counter()
-    decode_songs(project, progress=False)
-    decode_s = time.perf_counter() - tic
+    decoded = decode_songs(project, progress=False).encoded
+    decode_s = time.perf_counter() - tic if decoded else None  # None: the PCM was already there
     rows = read_rows(project.paths.audio_list)
     texts = read_rows(project.paths.text_list)
     wavs = [read_pcm(project.paths.pcm, r["audio_sha256"]) for r in rows]
@@ -634,12 +634,14 @@ def run_benchmark(settings: BenchSettings, echo=print) -> dict:
                                            shapes.get("lyric_tokens", 300), rank, shapes.get("batch", 1),
                                            settings.gradient_checkpointing) if shapes else None
             by_rank[str(rank)] = {"modes": modes, "flops": flops, "shapes": shapes}
-        ratio = compute_ratio(configs, settings.song_seconds)
+        seen = next((e["shapes"] for e in by_rank.values() if e["shapes"]), {})
+        lengths = dict(text_tokens=seen.get("text_tokens", 64), lyric_tokens=seen.get("lyric_tokens", 300))
+        ratio = compute_ratio(configs, settings.song_seconds, settings.ranks[0], **lengths)
         full_ratio = None
         if settings.size != "full":
             from pipeline.tiny.small import configs as size_configs
 
-            full_ratio = compute_ratio(size_configs("full"), settings.song_seconds)
+            full_ratio = compute_ratio(size_configs("full"), settings.song_seconds, settings.ranks[0], **lengths)
         record = {
             "key": run_key(settings, cuda), "size": settings.size, "song_seconds": settings.song_seconds,
             "songs": settings.songs, "precision": settings.precision, "steps": settings.steps,
@@ -772,7 +774,9 @@ def _md_run(record: dict) -> list[str]:
         f"Data path: loader {record['loader_samples_per_s']:.1f} samples/s (workers {record['num_workers']}); "
         f"cache {cache['total']:.2f} MB per minute of audio ("
         + ", ".join(f"{s} {v:.2f}" for s, v in cache.items() if s != "total") + "); "
-        f"decode {record['prepare']['decode_s']:.2f} s for {record['prepare']['audio_seconds']:.0f} s of audio.",
+        + (f"decode (MP3 → 48 kHz PCM) {record['prepare']['decode_s']:.2f} s for "
+         f"{record['prepare']['audio_seconds']:.0f} s of audio." if record["prepare"].get("decode_s")
+         else "decode: the PCM was already decoded by an earlier run in this workdir (live mode decodes every step)."),
         "",
         "| stream | encoder params | load s | encode s | s of audio per s | encode stage s (load+hash+encode+write; – = cache was up to date) |",
         "|---|---:|---:|---:|---:|---:|",
