@@ -411,25 +411,12 @@ class _Repeat:
             yield self.batch
 
 
-def _to_device(batch: dict, device, dtype) -> dict:
-    import torch
-
-    def move(x):
-        if isinstance(x, torch.Tensor):
-            return x.to(device, dtype) if x.is_floating_point() else x.to(device)
-        if isinstance(x, (list, tuple)):
-            return [move(v) for v in x]
-        return x
-
-    return {k: move(v) for k, v in batch.items()}
-
-
 def _child_train(spec: dict) -> dict:
     """floor / cached / live: train() for warmup + steps steps; per-step times from metrics.jsonl."""
     import torch
 
     from cache.loader import LoaderSettings, make_loader
-    from pipeline.train import PRECISION_DTYPES, load_transformer_for_training, train
+    from pipeline.train import PRECISION_DTYPES, batch_to_device, load_transformer_for_training, train
     from pipeline.train_config import from_params
 
     mode = spec["mode"]
@@ -451,21 +438,15 @@ def _child_train(spec: dict) -> dict:
 
         source = LiveSource(project, read_manifest(project.paths.manifest), batch_size=config.batch_size,
                             max_seconds=config.max_seconds, seed=config.seed, speaker_dim=speaker_dim)
-        for stream, encoder in source.encoders.streams.items():
-            model = encoder.model
-            if cuda:  # keep every encoder resident on the GPU, as the official trainer does
-                if hasattr(model, "placed"):
-                    model.placed().__enter__()  # MusicDCAE: no offload between calls
-                elif hasattr(model, "to"):
-                    model.to(device)
-            encoders_bytes += _param_bytes(model)["param_bytes"]
+        for encoder in source.encoders.streams.values():  # resident on the device, as officially
+            encoders_bytes += _param_bytes(encoder.model)["param_bytes"]
         batches = source
     else:
         loader = make_loader(project.paths.features, settings)
         if mode == "cached":
             batches = loader
         else:
-            first = _to_device(next(iter(loader)), device, PRECISION_DTYPES[config.precision])
+            first = batch_to_device(next(iter(loader)), device, PRECISION_DTYPES[config.precision])
             batches = _Alternate(make_loader(project.paths.features, settings), first) if mode == "paired" \
                 else _Repeat(first)
             del loader

@@ -104,7 +104,10 @@ class StreamEncoder:
         if self.stream == "latents":
             from pipeline.models.codec import MusicDCAE
 
-            self.model = MusicDCAE.from_checkpoint(paths.acestep, dtype=self.dtype, device=self.device)
+            # offload=False: an encode step (or live training) calls it for song after song, so it
+            # stays on the device instead of moving its weights there and back on every call.
+            self.model = MusicDCAE.from_checkpoint(paths.acestep, dtype=self.dtype, device=self.device,
+                                                   offload=False)
         elif self.stream == "mert":
             from pipeline.models.ssl import MertExtractor
 
@@ -122,6 +125,8 @@ class StreamEncoder:
             self.tokenizer = LyricTokenizer(self.models.lyric_vocab)
         else:
             raise ValueError(f"unknown stream {self.stream!r}")
+        if self.stream != "latents":
+            self.model.to(self.device)  # resident for the same reason (the extractors offload otherwise)
 
     @torch.inference_mode()
     def audio(self, wav: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     noise = torch.randn(batch["latents"].shape, generator=generator, dtype=torch.float32)
     sigma = sample_sigmas(batch["latents"].shape[0], generator, sigmas,
                           logit_mean=config.logit_mean, logit_std=config.logit_std)
-    b = _to_device(batch, device, dtype)
+    b = batch_to_device(batch, device, dtype)
     x0, noise = b["latents"], noise.to(device, dtype)
     x_t = noisy_latents(x0, noise, sigma.to(device, dtype))
     # SSL targets only when every sample has both (a cache made without them gives Nones)
@@ -396,7 +396,7 @@ def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, 
             "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`."""
     def move(x):
         if isinstance(x, torch.Tensor):
