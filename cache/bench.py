@@ -113,8 +113,12 @@ def main(argv: list[str]) -> None:
         report[kind] = measure_cache(folder)
         report[kind]["write_seconds"] = time.perf_counter() - start
         for workers in (0, 2):
-            settings = LoaderSettings(num_workers=workers, shuffle_buffer=4, songs_per_unit=1)
-            report[kind][f"samples_per_s_workers{workers}"] = loader_throughput(folder, settings, seconds=8)
+            # "store": every sample read, decompressed and verified from the shards (first epoch, or
+            # a dataset larger than the memory cache); "memory": later epochs of a small dataset.
+            for where, budget in (("store", 0), ("memory", LoaderSettings.memory_cache_mb)):
+                settings = LoaderSettings(num_workers=workers, shuffle_buffer=4, songs_per_unit=1,
+                                          memory_cache_mb=budget)
+                report[kind][f"samples_per_s_{where}_workers{workers}"] = loader_throughput(folder, settings, seconds=8)
     print(json.dumps(report, indent=1))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+from collections import OrderedDict
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -32,7 +33,7 @@ import webdataset as wds
 from cache.collate import collate, make_sample, sample_rng
 from cache.fingerprint import check_cache
 from cache.shards import CacheIndex
-from cache.schema import STREAM_NAMES
+from cache.schema import STREAM_NAMES, SongFeatures
 from pipeline.errors import CacheError, ConfigError
 
 _REQUIRED_STREAMS = ("latents", "text")  # the batch layout cannot be built without them
@@ -57,7 +58,10 @@ class LoaderSettings:
     # Float dtype of the batch. bfloat16 = exactly what the cache stores (training is bf16-true);
     # "float32" costs ~60 ms per 3-minute song in casts alone.
     dtype: str = "bfloat16"
-    verify: bool = True  # check each song's sha256 on read
+    verify: bool = True  # check each song's sha256 when it is read from the store
+    # Keep decoded songs in memory (per process, least recently used out): a handful of songs is
+    # read, decompressed and verified once, and later epochs only crop. 0 turns it off.
+    memory_cache_mb: int = 2048
     prefetch_factor: int = 2
     pin_memory: bool = False
     expected_fingerprints: dict[str, str] | None = field(default=None)
@@ -91,6 +95,29 @@ class _Plan:
         self.rank = rank
         self.world_size = world_size
         self.dtype = getattr(torch, settings.dtype)
+        self._memo: OrderedDict[str, tuple[SongFeatures, int]] = OrderedDict()
+        self._memo_bytes = 0
+
+    def __getstate__(self):  # a worker starts with an empty memory cache of its own
+        state = dict(self.__dict__)
+        state["_memo"], state["_memo_bytes"] = OrderedDict(), 0
+        return state
+
+    def read_song(self, key: str) -> SongFeatures:
+        """The song's features, from the memory cache or the store (LRU within memory_cache_mb)."""
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key][0]
+        features = self.index.read_song(key, self.settings.streams, verify=self.settings.verify)
+        size = sum(t.numel() * t.element_size() for t in vars(features).values() if isinstance(t, torch.Tensor))
+        budget = self.settings.memory_cache_mb << 20
+        if size <= budget:
+            self._memo[key] = (features, size)
+            self._memo_bytes += size
+            while self._memo_bytes > budget:
+                _, (_, dropped) = self._memo.popitem(last=False)
+                self._memo_bytes -= dropped
+        return features
 
     def epoch_batches(self, epoch: int) -> Iterator[list[str]]:
         s = self.settings
@@ -122,7 +149,7 @@ class _Plan:
             epoch += 1
 
     def load_sample(self, key: str, epoch: int) -> dict:
-        features = self.index.read_song(key, self.settings.streams, verify=self.settings.verify)
+        features = self.read_song(key)
         return make_sample(features, sample_rng(self.settings.seed, epoch, key), self.settings.max_seconds)
 
     def load_batch(self, planned: tuple[int, int, list[str]]) -> dict:
