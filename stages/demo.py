@@ -62,6 +62,9 @@ def cli(params_file: str, songs: int, seconds: float, no_sample: bool):
         raise AceTurboError(f"training wrote no checkpoint under {run_dir}/checkpoints")
     click.echo(f"LoRA checkpoints: {', '.join(p.name for p in checkpoints)} in {run_dir / 'checkpoints'}")
     click.echo(f"Metrics: {run_dir / 'metrics.jsonl'}   loss graph: {run_dir / 'loss.png'}")
+    previews = sorted(run_dir.glob("eval_results/step_*/pred_wav_*.wav"))
+    if previews:
+        click.echo(f"Preview audio: {', '.join(str(p) for p in previews)}")
     if not no_sample:
         from pipeline.sampling import generate
 
