@@ -146,7 +146,7 @@ def _is_ignored(rel: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
 
 
-def _classify(rel: str) -> tuple[str, str] | None:
+def classify_file(rel: str) -> tuple[str, str] | None:
     """(kind, song key) of a relative path, or None for files that are not part of a triplet."""
     lower = rel.lower()
     if lower.endswith(PROMPT_SUFFIX):
@@ -161,7 +161,7 @@ def _classify(rel: str) -> tuple[str, str] | None:
     return None
 
 
-def _list_files(data_dir: Path) -> list[str]:
+def list_dataset_files(data_dir: Path) -> list[str]:
     found = []
     for root, dirs, files in os.walk(data_dir):
         dirs[:] = sorted(d for d in dirs if not _is_ignored(Path(d)))
@@ -195,8 +195,8 @@ def scan_dataset(
 
     # Group files by song key and kind.
     groups: dict[str, dict[str, list[str]]] = {}
-    for rel in _list_files(data_dir):
-        kind_key = _classify(rel)
+    for rel in list_dataset_files(data_dir):
+        kind_key = classify_file(rel)
         if kind_key is None:
             continue
         kind, key = kind_key

@@ -28,8 +28,8 @@ from pipeline.config import ProjectConfig, load_params
 from pipeline.dataset import (
     LYRICS_SUFFIX,
     PROMPT_SUFFIX,
-    _classify,
-    _list_files,
+    classify_file,
+    list_dataset_files,
     read_previous_manifest,
     read_text,
     scan_dataset,
@@ -146,8 +146,8 @@ def scan_songs(proj: ProjectConfig) -> DatasetView:
     if not folder.is_dir():
         return DatasetView([], [f"{folder} does not exist yet: upload songs or a ZIP to create it"], folder)
     entries: dict[str, SongEntry] = {}
-    for rel in _list_files(folder):
-        kind_key = _classify(rel)
+    for rel in list_dataset_files(folder):
+        kind_key = classify_file(rel)
         if kind_key is None:
             continue
         kind, key = kind_key
@@ -290,8 +290,8 @@ def add_files(proj: ProjectConfig, files: list[str | Path], overwrite: bool = Fa
     if not files:
         raise UIError("no files given")
     folder = data_dir(proj)
-    bad = [f.name for f in files if f.name.startswith(".") or _classify(f.name) is None
-           or _classify(f.name)[0] == "unsupported"]
+    bad = [f.name for f in files if f.name.startswith(".") or classify_file(f.name) is None
+           or classify_file(f.name)[0] == "unsupported"]
     if bad:
         raise UIError(f"not part of a song triplet: {', '.join(bad)} (expected NAME.mp3/.wav/.flac/.ogg, "
                       f"NAME{PROMPT_SUFFIX}, NAME{LYRICS_SUFFIX}; a .zip goes in the ZIP box)")
