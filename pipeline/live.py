@@ -116,6 +116,10 @@ def make_live_source(project: ProjectConfig, config, device=None) -> LiveSource:
 
     transformer_config = project.models.paths().require("ace_step_transformer") / "config.json"
     speaker_dim = json.loads(transformer_config.read_text(encoding="utf-8")).get("speaker_embedding_dim", 512)
-    songs = read_manifest(project.paths.manifest)
+    from pipeline import distributed
+
+    rank = distributed.info()
+    # Under DDP each rank encodes its own share of the songs (the cache loader splits by node too).
+    songs = sorted(read_manifest(project.paths.manifest), key=lambda s: s.id)[rank.rank::rank.world_size]
     return LiveSource(project, songs, batch_size=config.batch_size, max_seconds=config.max_seconds,
                       seed=config.seed, speaker_dim=speaker_dim)
