@@ -25,6 +25,10 @@ class PathsConfig:
     data: str = "workspace/data"  # the user's triplets (NAME.mp3 + NAME_prompt.txt + NAME_lyrics.txt)
     cache: str = "workspace/cache"  # manifest, decoded PCM and feature shards
     exps: str = "workspace/exps/logs"  # one folder per experiment (checkpoints, metrics, previews)
+    # Where the feature shards live: empty = <cache>/features (a DVC output, shared with dvc push/
+    # pull), or an fsspec URL such as s3://bucket/aceturbo/features to keep them on object storage
+    # (then run `aceturbo encode` / `aceturbo train` directly: DVC tracks local outputs only).
+    feature_store: str = ""
 
     @property
     def manifest(self) -> Path:
@@ -45,8 +49,9 @@ class PathsConfig:
         return Path(self.cache) / "pcm"
 
     @property
-    def features(self) -> Path:
-        return Path(self.cache) / "features"
+    def features(self) -> str:
+        """The feature cache: a local folder or an fsspec URL (kept a string: Path would mangle s3://)."""
+        return self.feature_store or str(Path(self.cache) / "features")
 
 
 @dataclass

@@ -60,11 +60,12 @@ def cli():
 
 @cli.command("info")
 @click.option("--cache", "cache_dir", default=None,
-              help="Cache folder or fsspec URL  [default: workspace/cache/features].")
+              help="Cache folder or fsspec URL  [default: params.yaml paths → the feature cache].")
+@click.option("--params", "params_file", default="params.yaml", show_default=True, help="Settings file.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(cache_dir: str, as_json: bool):
+def info(cache_dir: str, params_file: str, as_json: bool):
     """Songs, minutes of audio, bytes and MB per minute per stream, fingerprints, schema version."""
-    from cache.shards import DEFAULT_CACHE_FOLDER
+    from pipeline.config import load_params
 
-    summary = cache_summary(cache_dir or DEFAULT_CACHE_FOLDER)
+    summary = cache_summary(cache_dir or load_params(params_file).paths.features)
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))

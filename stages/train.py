@@ -60,7 +60,7 @@ def _show(value: Any) -> str:
 @click.option("--resume", default=None, metavar="latest|PATH",
               help="Continue a run: 'latest' checkpoint of the experiment, or a checkpoint folder.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
-              help="Feature cache folder [default: params.yaml paths.features].")
+              help="Feature cache folder or fsspec URL [default: params.yaml paths.feature_store, else <paths.cache>/features].")
 @_config_options
 def cli(presets, sweep, params_path, resume, cache_dir, **options):
     """Train a LoRA on the cached features (or --live) and write checkpoints, metrics.jsonl, loss.png."""
@@ -212,7 +212,7 @@ def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir:
         return make_live_source(project=project, config=config, device=device)
     from cache.loader import LoaderSettings, make_loader
 
-    folder = Path(cache_dir or project.paths.features)
+    folder = cache_dir or project.paths.features  # a folder or an fsspec URL
     # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
     settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
                               num_workers=config.num_workers, speaker_dim=speaker_dim,

@@ -159,3 +159,15 @@ def test_cached_and_live_give_the_same_batch_and_loss(project, demo_root):
                 loss, _ = compute_loss(model, batch, gen, sigmas, config, torch.device("cpu"), torch.float32)
             losses.append(float(loss))
         assert losses[0] == losses[1]
+
+
+def test_encode_and_load_through_an_fsspec_url(project):
+    """Shards on object storage: encode into a memory:// store and train-load from it."""
+    from cache.loader import LoaderSettings, make_loader
+
+    project.paths.feature_store = "memory://aceturbo-test/features"
+    assert _encode_all(project) == {s: 3 for s in STREAMS}
+    loader = make_loader(project.paths.features, LoaderSettings(max_seconds=MAX_SECONDS, speaker_dim=8))
+    batch = next(iter(loader))
+    assert batch["latents"].shape[:3] == (1, 8, 16) and batch["mert"][0] is not None
+    assert _encode_all(project) == {s: 0 for s in STREAMS}
