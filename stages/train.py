@@ -57,8 +57,10 @@ def _show(value: Any) -> str:
               help="Sweep YAML: a list of settings mappings (or {runs: [...]}), one training run each.")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
               help="Project settings; its train: section overrides the preset, options override both.")
-@click.option("--resume", default=None, metavar="latest|PATH",
-              help="Continue a run: 'latest' checkpoint of the experiment, or a checkpoint folder.")
+@click.option("--resume", default=None, metavar="latest|auto|PATH",
+              help="Continue a run: 'latest' checkpoint of the experiment, or a checkpoint folder. 'auto' "
+                   "(what dvc.yaml uses) continues when the run has the same settings and data, e.g. after "
+                   "Ctrl-C, and otherwise starts a new run (the old folder is set aside).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Feature cache folder or fsspec URL [default: params.yaml paths.feature_store, else <paths.cache>/features].")
 @_config_options
@@ -69,7 +71,7 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
     project = load_params(params_path)
     options = {k: v for k, v in options.items() if v is not None}
     configs = plan_runs(project.train, options, presets, sweep)
-    if resume and len(configs) > 1 and resume != "latest":
+    if resume and len(configs) > 1 and resume not in ("latest", "auto"):
         raise ConfigError("--resume PATH needs a single run; with several presets/sweep runs use --resume latest.")
     from pipeline import distributed
 
@@ -153,10 +155,16 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     paths = project.models.paths()
     transformer_dir = paths.require("ace_step_transformer")
     run_dir = Path(project.paths.exps) / config.run_name
+    stamp = data_stamp(config, project, cache_dir)
+    if resume == "auto":
+        resume = "latest" if can_continue(run_dir, config, stamp) else None
+    distributed.barrier()  # every rank has decided before the folder may move
     if not resume and rank.is_main:
         set_aside_previous(run_dir)
     distributed.barrier()  # the other ranks must not see the old folder
     if rank.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DATA_STAMP).write_text(stamp + "\n", encoding="utf-8")
         _write_json(_workspace(project) / "configs" / "lora_config.json", config.to_dict())
         click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, alpha={config.alpha}, "
                    f"lr={config.learning_rate}, {config.max_steps} steps, {config.precision} on {device} "
@@ -176,6 +184,41 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         click.echo(f"done: {summary['step']} steps, last loss {summary['last_loss']}{speed}; "
                    f"LoRA in {summary['checkpoint']}")
     return summary
+
+
+DATA_STAMP = "data_stamp.txt"
+
+
+def data_stamp(config: TrainConfig, project, cache_dir: str | None) -> str:
+    """What the run trains on, as one hash: every cached song's content hash and encoder
+    fingerprint (or, with --live, the manifest's content)."""
+    import hashlib
+
+    if config.live:
+        manifest = Path(project.paths.manifest)
+        return hashlib.sha256(manifest.read_bytes() if manifest.is_file() else b"").hexdigest()
+    from cache.shards import CacheIndex
+
+    try:
+        index = CacheIndex.open(cache_dir or project.paths.features)
+        rows = sorted((stream, key, entry.content_hash, info.fingerprint)
+                      for stream in index.streams() for key, (info, entry) in index.live(stream).items())
+    except CacheError:
+        rows = []  # make_batches reports a broken cache properly
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def can_continue(run_dir: Path, config: TrainConfig, stamp: str) -> bool:
+    """True when run_dir holds a checkpoint of a run with these settings on this data."""
+    from pipeline.train_state import latest_checkpoint
+
+    try:
+        same_config = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8")) == \
+            json.loads(config.to_json())
+        same_data = (run_dir / DATA_STAMP).read_text(encoding="utf-8").strip() == stamp
+    except (OSError, ValueError):
+        return False
+    return same_config and same_data and latest_checkpoint(run_dir) is not None
 
 
 def set_aside_previous(run_dir: Path) -> Path | None:

@@ -408,6 +408,36 @@ def test_cli_trains_from_the_cache(project):
     assert list_checkpoints(previous)[-1].name.endswith("step=5_lora")
 
 
+def test_cli_resume_auto_continues_only_the_same_run(project, monkeypatch):
+    """`dvc repro` runs `aceturbo train --resume auto`: an interrupted run continues, a changed one restarts."""
+    from pipeline import train as train_module
+    from stages.cli import main
+
+    root, params = project
+    args = ["train", "--params", str(params), "--max-steps", "4", "--no-gradient-checkpointing", "--resume", "auto"]
+    real_step, calls = train_module.train_step, {"n": 0}
+
+    def interrupted_after_two(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # like Ctrl-C during `dvc repro`
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_after_two)
+    with pytest.raises(SystemExit):
+        main(args)
+    run = root / "workspace" / "exps" / "logs" / "cli"
+    assert list_checkpoints(run)[-1].name.endswith("step=2_lora")
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    main(args)  # same settings, same data: continues from step 2
+    assert list_checkpoints(run)[-1].name.endswith("step=4_lora")
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not list(run.parent.glob("cli.previous-*"))
+    main(args[:4] + ["5"] + args[5:])  # other settings: a new run, the old one set aside
+    assert list(run.parent.glob("cli.previous-*"))
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
 def test_cli_runs_several_presets_in_sequence(project):
     from stages.cli import main
 
