@@ -88,6 +88,7 @@ class ProjectConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     train: dict[str, Any] = field(default_factory=dict)  # -> TrainConfig.from_params
+    source: str = str(DEFAULT_PARAMS)  # the params file these settings were read from
 
 
 def _fill(cls, values: dict, where: str):
@@ -102,7 +103,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> ProjectConfig:
     """Read params.yaml (missing file = all defaults)."""
     path = Path(path)
     if not path.exists():
-        return ProjectConfig()
+        return ProjectConfig(source=str(path))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -112,7 +113,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> ProjectConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
     built = {name: _fill(cls, raw.get(name) or {}, f"{path} → {name}") for name, cls in sections.items()}
-    return ProjectConfig(**built, train=dict(raw.get("train") or {}))
+    return ProjectConfig(**built, train=dict(raw.get("train") or {}), source=str(path))
 
 
 def resolve_device(name: str = "auto"):

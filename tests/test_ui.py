@@ -337,3 +337,14 @@ def test_app_builds(proj):
     assert {"Songs in the data folder", "Training log (workspace/ui/logs/<experiment>.log)", "Checkpoints"} <= labels
     helps = {block.label: block.info for block in app.blocks.values() if getattr(block, "info", None)}
     assert helps["max_steps"].startswith("Optimizer steps")  # every setting carries its one-line help
+
+
+def test_a_other_params_file_reaches_the_commands_the_ui_starts(proj, tmp_path):
+    (tmp_path / "other.yaml").write_text(PARAMS, encoding="utf-8")
+    other = A.project("other.yaml")
+    values = {k: v for k, v in A.preset_values(other, "balanced").items() if k != "preset"}
+    argv, _ = A.train_argv(other, "balanced", values)
+    assert argv[3:6] == ["train", "--params", "other.yaml"]
+    assert "--params" not in A.train_argv(proj, "balanced", values)[0]
+    with pytest.raises(A.UIError, match="dvc repro"):  # DVC always reads params.yaml
+        A.start_convert(other)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import uuid
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,12 @@ def command_env() -> dict[str, str]:
 def aceturbo(*args: str) -> list[str]:
     """argv of `aceturbo ARGS` run by this interpreter (the same CLI as the console script)."""
     return [sys.executable, "-m", "stages", *args]
+
+
+def params_option(proj: ProjectConfig) -> list[str]:
+    """`--params FILE` when the UI was started with another settings file than params.yaml, so the
+    processes it starts use the settings its forms show."""
+    return [] if Path(proj.source).resolve() == Path(PARAMS).resolve() else ["--params", proj.source]
 
 
 def dvc(*args: str) -> list[str]:
@@ -532,6 +539,9 @@ def convert_argv() -> list[str]:
 
 
 def start_convert(proj: ProjectConfig) -> Job:
+    if Path(proj.source).resolve() != Path(PARAMS).resolve():
+        raise UIError(f"Convert runs `dvc repro`, which always reads {PARAMS}; this UI was started with "
+                      f"--params {proj.source}. Restart it without --params (or copy your settings into {PARAMS}).")
     log = ui_dir(proj) / "convert.log"
     log.write_text("", encoding="utf-8")  # one conversion per log
     return start_job(proj, "convert", convert_argv(), log)
@@ -556,7 +566,8 @@ def convert_progress(log_text: str) -> tuple[float, str]:
 
 def export_hf(proj: ProjectConfig, output: str | None = None) -> tuple[int, str]:
     """`aceturbo export-hf` (needs the manifest: run Convert first)."""
-    argv = aceturbo("export-hf") + (["--output", output] if output else [])
+    argv = aceturbo("export-hf", "--manifest", str(proj.paths.manifest), "--data-dir", proj.paths.data)
+    argv += ["--output", output] if output else []
     code, text = run_command(argv)
     return code, f"$ {shown_command(argv)}\n{text}"
 
@@ -589,7 +600,7 @@ def train_argv(proj: ProjectConfig, preset: str, values: dict[str, Any], resume:
     the preset + params.yaml give, plus --experiment so the run folder is explicit."""
     base = config_from_form(proj, preset, {})
     config = config_from_form(proj, preset, values)
-    argv = ["train", "--preset", preset]
+    argv = ["train", *params_option(proj), "--preset", preset]
     if config.run_name != base.run_name or config.experiment:
         argv += ["--experiment", config.run_name]
     for row in train_fields():
@@ -789,12 +800,16 @@ def generate_sample(proj: ProjectConfig, run: str, checkpoint: str, prompt: str,
     out_dir = workspace_dir(proj) / "exps" / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{run}_{checkpoint.replace('=', '')}_seed{int(seed)}.wav"
-    lyrics_file = ui_dir(proj) / "generate_lyrics.txt"
+    # One lyrics file per request: the Gradio queue may run several generations at once.
+    lyrics_file = ui_dir(proj) / f"generate_lyrics_{uuid.uuid4().hex[:8]}.txt"
     write_text_atomic(lyrics_file, lyrics or "")
-    argv = aceturbo("generate", "--lora", str(lora), "--prompt", prompt or "music", "--lyrics", str(lyrics_file),
-                    "--duration", _num(float(duration)), "--steps", str(int(steps)), "--seed", str(int(seed)),
-                    "--out", str(out))
-    code, text = run_command(argv)
+    argv = aceturbo("generate", *params_option(proj), "--lora", str(lora), "--prompt", prompt or "music",
+                    "--lyrics", str(lyrics_file), "--duration", _num(float(duration)), "--steps", str(int(steps)),
+                    "--seed", str(int(seed)), "--out", str(out))
+    try:
+        code, text = run_command(argv)
+    finally:
+        lyrics_file.unlink(missing_ok=True)
     log = f"$ {shown_command(argv)}\n{text}"
     if code != 0 or not out.is_file():
         raise UIError(f"generate failed (exit {code}):\n{text.strip()[-2000:]}")
