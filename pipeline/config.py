@@ -75,7 +75,9 @@ class IngestConfig:
 @dataclass
 class EncodeConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu (encoders only)
+    # The encoders' compute dtype. float32 as the official trainer (they run once per song, so it is
+    # cheap); "bfloat16" halves their time and memory; "auto" = bfloat16 on cuda, float32 on cpu.
+    dtype: str = "float32"
     text_variants: int = 8  # prompt variants (tag shuffles / recaption picks) cached per song
     text_seed: int = 0
     storage_dtype: str = "bfloat16"  # float16 or bfloat16 in the Zarr shards
