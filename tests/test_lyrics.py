@@ -155,3 +155,15 @@ def test_demo_vocab(tmp_path):
     # Deterministic file.
     save_demo_lyric_vocab(tmp_path / "again.json", corpus)
     assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+
+
+def test_vocab_larger_than_the_checkpoint_is_a_clear_error(tmp_path):
+    from pipeline.errors import CheckpointError
+    from pipeline.text.lyrics import LyricTokenizer
+    from pipeline.tiny.text import save_demo_lyric_vocab
+
+    rows = save_demo_lyric_vocab(tmp_path / "vocab.json", ["[verse]\nhello world\n"])
+    tokenizer = LyricTokenizer(tmp_path / "vocab.json")
+    tokenizer.require_fits(rows, tmp_path)  # fits exactly
+    with pytest.raises(CheckpointError, match="lyric_vocab"):
+        tokenizer.require_fits(rows - 1, tmp_path)

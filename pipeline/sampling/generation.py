@@ -314,6 +314,7 @@ def generate(
     t0 = time.perf_counter()
     text_encoder = load_text_encoder(root, dev, dt)
     tokenizer = load_lyric_tokenizer(vocab)
+    tokenizer.require_fits(transformer.config.lyric_encoder_vocab_size, root)
     erg_null = settings.use_erg_tag and settings.use_erg_lyric
     with torch.no_grad():
         cond = build_conditioning(

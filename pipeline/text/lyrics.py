@@ -79,6 +79,16 @@ class LyricTokenizer:
         """Number of ids (added tokens included): the lyric embedding must have at least this many rows."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def require_fits(self, embedding_rows: int, checkpoint: str | Path) -> None:
+        """A clear error instead of an index error deep in the model (a device-side assert on CUDA)
+        when this vocabulary has more ids than the checkpoint's lyric embedding has rows."""
+        if self.vocab_size > embedding_rows:
+            raise CheckpointError(
+                f"lyric vocabulary {self.path} has {self.vocab_size} ids but the transformer in {checkpoint} "
+                f"embeds only {embedding_rows}: use the vocab.json that belongs to this checkpoint "
+                f"(params.yaml → models → lyric_vocab)."
+            )
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
