@@ -81,3 +81,14 @@ class CheckpointPaths:
         if part == "mhubert":
             return require_model_dir(self.mhubert, ("config.json",), "mHuBERT model", "mhubert")
         raise ValueError(f"unknown checkpoint part {part!r}")
+
+
+def lyric_embedding_rows(transformer_dir: str | Path) -> int | None:
+    """Rows of the transformer's lyric embedding, from its config.json (None when unreadable)."""
+    import json
+
+    try:
+        config = json.loads((Path(transformer_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return int(config.get("lyric_encoder_vocab_size", 6693))  # 6693: the released model (spec §1.1)

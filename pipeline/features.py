@@ -13,13 +13,13 @@ Streams (frame rates from spec §3.2 and §5):
 """
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.checkpoints import lyric_embedding_rows
 from pipeline.config import EncodeConfig, ModelsConfig, resolve_device, resolve_dtype
 
 # Bump when the way features are computed changes: every cached shard made before is refused.
@@ -124,9 +124,8 @@ class StreamEncoder:
             stream_sources("text", self.models)  # clear error for a missing vocab
             self.model = UMT5TextEncoder.from_folder(paths.require("umt5-base"), dtype=self.dtype, device=self.device)
             self.tokenizer = LyricTokenizer(self.models.lyric_vocab)
-            transformer_config = paths.transformer / "config.json"
-            if transformer_config.is_file():  # ids the transformer could not embed: fail now, clearly
-                rows = json.loads(transformer_config.read_text(encoding="utf-8")).get("lyric_encoder_vocab_size", 6693)
+            rows = lyric_embedding_rows(paths.transformer)
+            if rows is not None:  # ids the transformer could not embed: fail now, clearly
                 self.tokenizer.require_fits(rows, paths.transformer)
         else:
             raise ValueError(f"unknown stream {self.stream!r}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoints import ACESTEP_PARTS, require_model_dir
+from pipeline.checkpoints import ACESTEP_PARTS, lyric_embedding_rows, require_model_dir
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.sampling.sampler import SamplerSettings, duration_for_frames, frames_for_duration, sample
 
@@ -314,7 +314,9 @@ def generate(
     t0 = time.perf_counter()
     text_encoder = load_text_encoder(root, dev, dt)
     tokenizer = load_lyric_tokenizer(vocab)
-    tokenizer.require_fits(transformer.config.lyric_encoder_vocab_size, root)
+    rows = lyric_embedding_rows(root / "ace_step_transformer")
+    if rows is not None:
+        tokenizer.require_fits(rows, root)
     erg_null = settings.use_erg_tag and settings.use_erg_lyric
     with torch.no_grad():
         cond = build_conditioning(
