@@ -197,22 +197,25 @@ class CacheLoader:
         index = check_cache(folder, s.expected_fingerprints, s.storage_options)
         self.index = index
         self.keys = self._select_keys(index, keys)
-        units: dict[str, list[str]] = {}
-        latents_live = index.live("latents")
-        chosen = set(self.keys)
-        for info in index.shards["latents"]:
-            mine = [e.key for e in info.songs if e.key in chosen and latents_live[e.key][0] is info]
-            for j in range(0, len(mine), s.songs_per_unit):
-                units[f"{info.name}#{j // s.songs_per_unit}"] = mine[j:j + s.songs_per_unit]
         rank, world_size = s.rank, s.world_size
         if rank is None or world_size is None:
             rank, world_size, _, _ = wds.utils.pytorch_worker_info()
         if not 0 <= rank < world_size:
             raise ConfigError(f"loader: rank {rank} is not in 0..{world_size - 1}")
+        # Units are what nodes split; with few songs and several nodes, smaller units so that every
+        # node gets some (a LoRA dataset of a handful of songs on a few GPUs).
+        per_unit = max(1, min(s.songs_per_unit, len(self.keys) // world_size))
+        units: dict[str, list[str]] = {}
+        latents_live = index.live("latents")
+        chosen = set(self.keys)
+        for info in index.shards["latents"]:
+            mine = [e.key for e in info.songs if e.key in chosen and latents_live[e.key][0] is info]
+            for j in range(0, len(mine), per_unit):
+                units[f"{info.name}#{j // per_unit}"] = mine[j:j + per_unit]
         self._plan = _Plan(index, units, s, rank, world_size)
         if self.batches_per_epoch(0) == 0:
             raise CacheError(f"node {rank} of {world_size} gets no songs from {index.url} ({len(self.keys)} songs in "
-                             f"{len(units)} units): lower songs_per_unit or use fewer nodes")
+                             f"{len(units)} units): use fewer nodes than songs")
         self.epoch = 0
         self.batches_consumed = 0
 

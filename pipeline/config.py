@@ -18,6 +18,7 @@ from pipeline.checkpoints import CheckpointPaths
 from pipeline.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 @dataclass
@@ -71,6 +72,14 @@ class IngestConfig:
     min_seconds: float = 3.0  # shorter clips are padded with silence to this length
     max_silence: float = 0.95  # reject a clip whose samples are more than this fraction exact zeros
 
+    def __post_init__(self):
+        for name in ("min_seconds", "max_silence"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"ingest.{name} must be a number, not {value!r}")
+        if not 0 <= self.max_silence <= 1:
+            raise ConfigError(f"ingest.max_silence must be between 0 and 1, not {self.max_silence!r}")
+
 
 @dataclass
 class EncodeConfig:
@@ -81,6 +90,15 @@ class EncodeConfig:
     text_variants: int = 8  # prompt variants (tag shuffles / recaption picks) cached per song
     text_seed: int = 0
     storage_dtype: str = "bfloat16"  # float16 or bfloat16 in the Zarr shards
+
+    def __post_init__(self):
+        # Checked here, not when the first shard is written after minutes of encoding.
+        if self.storage_dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"encode.storage_dtype must be bfloat16 or float16, not {self.storage_dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"encode.dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.dtype!r}")
+        if not isinstance(self.text_variants, int) or self.text_variants < 1:
+            raise ConfigError(f"encode.text_variants must be a whole number ≥ 1, not {self.text_variants!r}")
 
 
 @dataclass
@@ -110,20 +128,27 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> ProjectConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (paths, models, ingest, encode, train)")
     sections = {"paths": PathsConfig, "models": ModelsConfig, "ingest": IngestConfig, "encode": EncodeConfig}
     unknown = sorted(set(raw) - set(sections) - {"train"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    for name in list(sections) + ["train"]:
+        if not isinstance(raw.get(name) or {}, dict):
+            raise ConfigError(f"{path} → {name} must be a mapping of settings, not {raw[name]!r}")
     built = {name: _fill(cls, raw.get(name) or {}, f"{path} → {name}") for name, cls in sections.items()}
     return ProjectConfig(**built, train=dict(raw.get("train") or {}), source=str(path))
 
 
 def resolve_device(name: str = "auto"):
-    import torch
+    """auto → this process's GPU (cuda:LOCAL_RANK under torchrun) if CUDA is present, else the CPU."""
+    from pipeline.distributed import resolve_device as for_this_process
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return for_this_process(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_dtype(name: str, device) -> "torch.dtype":

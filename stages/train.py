@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.train_config import TrainConfig, build_config, fields_help
 
 _KIND_TYPES = {"int": int, "float": float, "str": str}

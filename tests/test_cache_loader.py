@@ -224,7 +224,10 @@ def test_subset_missing_streams_and_errors(tmp_path):
     assert batches[0]["mert"] == [None] * len(batches[0]["keys"])
     with pytest.raises(CacheError, match="not in the feature cache"):
         make_loader(tmp_path, settings(streams=("latents", "text")), keys=["nope"])
-    with pytest.raises(CacheError, match="node 2 of 3 gets no songs"):
-        make_loader(tmp_path, settings(streams=("latents", "text"), songs_per_unit=4, rank=2, world_size=3))
+    # few songs on several nodes: units shrink so every node gets some ...
+    make_loader(tmp_path, settings(streams=("latents", "text"), songs_per_unit=4, rank=2, world_size=3))
+    # ... until there are more nodes than songs
+    with pytest.raises(CacheError, match="node 5 of 6 gets no songs"):
+        make_loader(tmp_path, settings(streams=("latents", "text"), songs_per_unit=4, rank=5, world_size=6))
     with pytest.raises(CacheError, match="empty or missing"):
         make_loader(tmp_path / "nothing", settings())

@@ -1,0 +1,38 @@
+"""params.yaml: defaults, overrides, and one-line errors for bad values."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_params
+from pipeline.errors import ConfigError
+
+
+def test_missing_file_means_defaults(tmp_path):
+    project = load_params(tmp_path / "none.yaml")
+    assert project.paths.data == "workspace/data" and project.encode.storage_dtype == "bfloat16"
+
+
+def test_shipped_params_load():
+    from tests.conftest import REPO
+
+    project = load_params(REPO / "params.yaml")
+    assert project.train["experiment"] == "demo" and project.paths.features.endswith("features")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("encode: {storage_dtype: fp16}", "storage_dtype"),
+    ("encode: {dtype: half}", "encode.dtype"),
+    ("ingest: {min_seconds: 3s}", "min_seconds"),
+    ("ingest: {max_silence: 2}", "max_silence"),
+    ("paths: {dta: x}", "unknown setting"),
+    ("colours: {}", "unknown section"),
+    ("- a\n- b", "mapping"),
+    ("train: [1, 2]", "mapping"),
+    ("encode: {storage_dtype: [", "not valid YAML"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, text, match):
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=match) as info:
+        load_params(path)
+    assert "\n" not in str(info.value)
