@@ -595,7 +595,7 @@ def plan_update(index: CacheIndex, stream: str, wanted: Mapping[str, str], finge
 
 
 def apply_plan(folder, stream: str, plan: UpdatePlan, settings: ShardSettings | None = None,
-               storage_options: dict | None = None) -> None:
+               storage_options: dict | None = None, worker: tuple[int, int] = (0, 1)) -> None:
     """Drop the plan's empty shards and rewrite the others with only their kept songs.
 
     The kept songs' stored bytes are copied as they are (verified on the way); each rewrite is a new
@@ -618,7 +618,9 @@ def apply_plan(folder, stream: str, plan: UpdatePlan, settings: ShardSettings | 
                     rows = reader.read_rows(entry)
                     pending.append(_PendingSong(entry.key, entry.content_hash, rows,
                                                 {f: list(s) for f, s in entry.shapes.items()}, entry.sha256))
-            _write_store(location, stream, _next_shard_name(location, stream), pending, info.fingerprint,
+            # worker: the compacted shard takes one of this worker's own numbers, never a name
+            # another parallel worker may be writing
+            _write_store(location, stream, _next_shard_name(location, stream, worker), pending, info.fingerprint,
                          generation, copy_settings)
             generation += 1
         _remove_shard(location, stream, name)

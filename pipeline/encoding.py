@@ -53,13 +53,14 @@ class StepSummary:
 
 def decode_songs(project: ProjectConfig, progress: bool = True) -> StepSummary:
     """Decode every song whose audio is not decoded yet; drop PCM of songs that are gone."""
+    # (kept as the file decodes: clips are padded to ingest.min_seconds by the encode steps)
     rows = read_rows(project.paths.audio_list)
     pcm_dir = project.paths.pcm
     todo = [r for r in rows if not has_pcm(pcm_dir, r["audio_sha256"])]
     data = Path(project.paths.data)
     for row in tqdm(todo, desc="decode", unit="song", disable=not progress):
-        wav = pad_to_min(load_audio(data / row["audio_path"]), project.ingest.min_seconds)
-        write_pcm(pcm_dir, row["audio_sha256"], wav, SAMPLE_RATE, {"min_seconds": project.ingest.min_seconds})
+        # Stored as decoded (not padded): padding is an encode setting, applied where the features are made.
+        write_pcm(pcm_dir, row["audio_sha256"], load_audio(data / row["audio_path"]), SAMPLE_RATE)
     removed = prune_pcm(pcm_dir, {r["audio_sha256"] for r in rows})
     return StepSummary("decode", len(todo), len(rows) - len(todo), len(removed))
 
@@ -88,13 +89,14 @@ def encode_stream(project: ProjectConfig, stream: str, worker: tuple[int, int] =
             for key in tqdm(mine, desc=f"encode {stream}", unit="song", disable=not progress):
                 row = by_id[key]
                 if audio:
-                    tensor = encoder.audio(read_pcm(project.paths.pcm, row["audio_sha256"]))
+                    wav = pad_to_min(read_pcm(project.paths.pcm, row["audio_sha256"]), project.ingest.min_seconds)
+                    tensor = encoder.audio(wav)
                     song = SongFeatures(key=key, **{stream: tensor})
                 else:
                     song = SongFeatures(key=key, **encoder.text(key, row["tags"], row.get("recaption") or {},
                                                                 row["lyrics"]))
                 writer.add(key, song, wanted[key])
-    removed = sum(1 for keep in plan.shards.values() if not keep)
+    removed = len(set(CacheIndex.open(folder, streams=(stream,)).live(stream)) - set(wanted))
     if index == 0:  # one worker tidies up: stale songs and superseded copies leave the cache
-        apply_plan(folder, stream, plan, ShardSettings(float_storage=project.encode.storage_dtype))
+        apply_plan(folder, stream, plan, ShardSettings(float_storage=project.encode.storage_dtype), worker=worker)
     return StepSummary(stream, len(mine), len(wanted) - len(plan.to_encode), removed)

@@ -120,6 +120,11 @@ def make_live_source(project: ProjectConfig, config, device=None) -> LiveSource:
 
     rank = distributed.info()
     # Under DDP each rank encodes its own share of the songs (the cache loader splits by node too).
-    songs = sorted(read_manifest(project.paths.manifest), key=lambda s: s.id)[rank.rank::rank.world_size]
+    everything = sorted(read_manifest(project.paths.manifest), key=lambda s: s.id)
+    songs = everything[rank.rank::rank.world_size]
+    if not songs:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"{len(everything)} songs cannot feed {rank.world_size} ranks in --live mode: use fewer GPUs")
     return LiveSource(project, songs, batch_size=config.batch_size, max_seconds=config.max_seconds,
                       seed=config.seed, speaker_dim=speaker_dim)

@@ -13,7 +13,7 @@ def cli(params_file: str):
     """Decode every new or changed song to 48 kHz stereo PCM under <paths.cache>/pcm.
 
     Songs already decoded (same audio sha256) are skipped; PCM of songs that left the dataset is
-    removed. Clips shorter than ingest.min_seconds are padded with silence.
+    removed. (Clips shorter than ingest.min_seconds are padded by the encode steps.)
     """
     summary = decode_songs(load_params(params_file))
     click.echo(summary.line())

@@ -303,9 +303,12 @@ def _transformer_config(folder: Path) -> dict:
 
 
 def _workspace(project) -> Path:
-    """workspace/ (the parent of paths.exps = workspace/exps/logs)."""
+    """workspace/ when paths.exps is the usual <workspace>/exps/logs; else the folder holding paths.exps
+    (an absolute /data/runs must not send lora_config.json to /configs)."""
     exps = Path(project.paths.exps)
-    return exps.parents[1] if len(exps.parts) >= 3 else Path("workspace")
+    if exps.parts[-2:] == ("exps", "logs"):
+        return exps.parents[1]
+    return exps.parent
 
 
 def _write_json(path: Path, data: dict) -> None:
