@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.lora import DEFAULT_TARGETS
+
 MODES = ("floor", "cached", "live", "paired")
 SIZES = ("demo", "small", "full")
 STREAMS = ("latents", "mert", "mhubert", "text")
@@ -49,7 +51,7 @@ GPU_BF16_PEAK_TFLOPS = (
     ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
     ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 0.0),
 )
-OFFICIAL_TARGETS = ("speaker_embedder", "linear_q", "linear_k", "linear_v", "to_q", "to_k", "to_v", "to_out.0")
+OFFICIAL_TARGETS = tuple(DEFAULT_TARGETS)
 
 
 # ====================================================================================== FLOPs

@@ -158,8 +158,8 @@ def make_preview_callback(
         codec = load_codec(root, device)
         try:
             with torch.no_grad():
-                sr, target_wavs = codec.decode(target, sr=OUTPUT_SAMPLE_RATE)
-                _, pred_wavs = codec.decode(pred, sr=OUTPUT_SAMPLE_RATE)
+                sr, target_wavs = codec.decode_auto(target, sr=OUTPUT_SAMPLE_RATE)
+                _, pred_wavs = codec.decode_auto(pred, sr=OUTPUT_SAMPLE_RATE)
         finally:
             del codec
             release()

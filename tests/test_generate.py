@@ -78,6 +78,8 @@ class StandInCodec:
         wavs = [0.5 * torch.nn.functional.interpolate(c, size=n)[0].repeat(2, 1) for c in curves]
         return 48000, wavs
 
+    decode_auto = decode
+
     def __del__(self):
         StandInCodec.released += 1
 

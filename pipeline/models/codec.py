@@ -260,6 +260,13 @@ class MusicDCAE(nn.Module):
         # Cloned outside inference mode: callers get ordinary tensors they may use in autograd.
         return out_sr, [wav.clone() for wav in wavs]
 
+    def decode_auto(self, latents: torch.Tensor, audio_lengths=None, sr: int | None = None):
+        """``decode`` for clips up to one DCAE window (~47 s), ``decode_overlap`` beyond, so memory
+        stays bounded for long songs (a 240 s preview or generation)."""
+        if latents.shape[-1] > DCAE_WINDOW:
+            return self.decode_overlap(latents, audio_lengths=audio_lengths, sr=sr)
+        return self.decode(latents, audio_lengths=audio_lengths, sr=sr)
+
     def decode_overlap(
         self,
         latents: torch.Tensor,

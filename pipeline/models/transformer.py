@@ -222,7 +222,7 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for head, (depth, projector, name, targets) in enumerate(
             zip(self.ssl_encoder_depths, self.projectors, self.ssl_names, ssl_hidden_states)
         ):
-            if targets is None or depth not in taps:
+            if targets is None or len(targets) == 0 or depth not in taps:
                 continue
             predicted = projector(taps[depth])  # [B, T, D]
             batch = predicted.shape[0]

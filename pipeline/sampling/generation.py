@@ -338,7 +338,7 @@ def generate(
     t0 = time.perf_counter()
     codec = load_codec(root, dev)
     with torch.no_grad():
-        sr, wavs = codec.decode(latents.to(torch.float32), sr=OUTPUT_SAMPLE_RATE)
+        sr, wavs = codec.decode_auto(latents.to(torch.float32), sr=OUTPUT_SAMPLE_RATE)
     wav = wavs[0].detach().float().cpu()
     del codec
     release()
