@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from pipeline.audio import AUDIO_EXTENSIONS, read_audio
 from pipeline.config import IngestConfig
 from pipeline.errors import AceTurboError, DatasetError
+from pipeline.fileio import write_text_atomic  # noqa: F401  (re-exported: the UI and demo use it)
 
 PROMPT_SUFFIX = "_prompt.txt"
 LYRICS_SUFFIX = "_lyrics.txt"
@@ -337,20 +337,6 @@ def manifest_text(songs: Iterable[Song]) -> str:
     """The manifest's exact content: one JSON object per line, sorted by id (deterministic)."""
     rows = sorted((s.to_row() for s in songs), key=lambda r: r["id"])
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a UTF-8 text file through a temp file in the same folder + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_manifest(path: str | Path, songs: Iterable[Song]) -> bool:

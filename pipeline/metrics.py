@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.fileio import write_bytes_atomic
+
 # Fields of every metrics.jsonl record, in order.
 FIELDS = ("step", "epoch", "loss", "denoise_loss", "mert_loss", "mhubert_loss", "lr", "grad_norm",
           "sec_per_step", "samples_per_s")
@@ -36,24 +38,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """Drop records after ``last_step`` (a resumed run redoes those steps; no duplicates)."""
     path = Path(path)
     if not path.is_file():
         return
     keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
+    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
 
 
 def _ema(values: list[float], beta: float = 0.95) -> list[float]:

@@ -11,15 +11,14 @@ released right after it, so cached training keeps its memory; the trainer never 
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
+from pipeline.fileio import write_text_atomic
 from pipeline.sampling.generation import OUTPUT_SAMPLE_RATE, load_codec, load_text_encoder, release
 from pipeline.sampling.sampler import SamplerSettings, sample, unwrap
 
@@ -39,17 +38,6 @@ class PreviewSettings:
 def _safe_name(key: str) -> str:
     # Keys become part of file names: keep them readable but never a path.
     return re.sub(r"[^\w.\-]+", "_", str(key)).strip("._") or "sample"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def preview_text(key: str, prompt: str, lyrics: str, seed: int) -> str:
@@ -167,7 +155,7 @@ def make_preview_callback(
 
         save_wav(folder / f"target_wav_{name}_0.wav", target_wavs[0].float().cpu(), int(sr))
         save_wav(folder / f"pred_wav_{name}_0.wav", pred_wavs[0].float().cpu(), int(sr))
-        _write_text_atomic(folder / f"key_prompt_lyric_{name}_0.txt", preview_text(key, prompt, lyrics, settings.seed))
+        write_text_atomic(folder / f"key_prompt_lyric_{name}_0.txt", preview_text(key, prompt, lyrics, settings.seed))
         return folder
 
     return callback

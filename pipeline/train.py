@@ -26,6 +26,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import AceTurboError, CacheError, CheckpointError, ConfigError
+from pipeline.fileio import write_text_atomic
 from pipeline.metrics import MetricsLogger, truncate_metrics
 from pipeline.objective import cfg_dropout, denoise_loss, noisy_latents, sample_sigmas, total_loss, training_sigmas
 from pipeline.train_config import TrainConfig
@@ -194,7 +195,7 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         _say(rank, f"resumed from {path} at step {loop.step}")
     if rank.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "train_config.json", config.to_json())
+        write_text_atomic(run_dir / "train_config.json", config.to_json())
         truncate_metrics(run_dir / "metrics.jsonl", loop.step)  # steps after the checkpoint are redone
     logger = MetricsLogger(run_dir, plot_every=config.log_plot_every, enabled=rank.is_main, title=config.run_name)
     source = _BatchStream(batches, loop.epoch)
@@ -411,12 +412,6 @@ def _seed_global(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _say(rank, message: str) -> None:

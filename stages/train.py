@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from pipeline.errors import CacheError, ConfigError
+from pipeline.fileio import write_json_atomic, write_text_atomic
 from pipeline.train_config import TrainConfig, build_config, fields_help
 
 _KIND_TYPES = {"int": int, "float": float, "str": str}
@@ -164,8 +165,8 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     distributed.barrier()  # the other ranks must not see the old folder
     if rank.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / DATA_STAMP).write_text(stamp + "\n", encoding="utf-8")
-        _write_json(_workspace(project) / "configs" / "lora_config.json", config.to_dict())
+        write_text_atomic(run_dir / DATA_STAMP, stamp + "\n")
+        write_json_atomic(_workspace(project) / "configs" / "lora_config.json", config.to_dict(), sort_keys=True)
         click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, alpha={config.alpha}, "
                    f"lr={config.learning_rate}, {config.max_steps} steps, {config.precision} on {device} "
                    f"→ {run_dir}")
@@ -309,13 +310,6 @@ def _workspace(project) -> Path:
     if exps.parts[-2:] == ("exps", "logs"):
         return exps.parents[1]
     return exps.parent
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 __all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_batches", "set_aside_previous", "expected_fingerprints"]

@@ -7,10 +7,7 @@ models exactly the same way.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -21,6 +18,7 @@ import torch
 
 from pipeline.checkpoints import ACESTEP_PARTS, lyric_embedding_rows, require_model_dir
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.fileio import write_json_atomic
 from pipeline.sampling.sampler import SamplerSettings, duration_for_frames, frames_for_duration, sample
 
 OUTPUT_SAMPLE_RATE = 48000
@@ -236,20 +234,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
-
-
-def write_json_atomic(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def params_path(out: Path) -> Path:
