@@ -242,7 +242,9 @@ def test_upload_convert_train_stop_checkpoint(server, browser, tmp_path):
     step = lambda: int((re.search(r"step (\d+) / 400", _text(d, "train-speed")) or [0, 0])[1])  # noqa: E731
     _wait("metrics in the graph (step ≥ 3)", lambda: step() >= 3, 120, server)
     assert "s/step" in _text(d, "train-speed") and "ETA" in _text(d, "train-speed")
-    assert d.find_element(By.ID, "loss-plot").find_elements(By.CSS_SELECTOR, "canvas, svg")
+    # the speed line and the graph refresh on the same timer tick, but the chart draws a moment later
+    _wait("the loss graph drawn", lambda: d.find_element(By.ID, "loss-plot").find_elements(By.CSS_SELECTOR, "canvas, svg"),
+          30, server)
     _click(d, "train-stop")
     _wait("stop requested", lambda: "stop requested" in _text(d, "train-msg"), 20, server)
     _wait("training stopped", lambda: "stopped" in _text(d, "train-status"), 60, server)
