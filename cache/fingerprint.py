@@ -36,6 +36,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+# Files of a model folder that determine its outputs (weights, configs, remote code, vocabularies);
+# READMEs, licences and the like are left out so editing them does not invalidate a cache.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".py", ".model", ".txt")
+
+
+def _counts(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES and "README" not in path.name and "LICENSE" not in path.name
+
+
 def _weight_files(weights: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, Path]]:
     """(name used in the hash, path). Names are relative, so moving a checkpoint keeps its fingerprint."""
     items = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
@@ -43,13 +52,13 @@ def _weight_files(weights: str | os.PathLike | Iterable[str | os.PathLike]) -> l
     for item in items:
         path = Path(item)
         if path.is_dir():
-            for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+            for sub in sorted(p for p in path.rglob("*") if p.is_file() and _counts(p)):
                 found.append((sub.relative_to(path).as_posix(), sub))
         elif path.is_file():
             found.append((path.name, path))
         else:
             raise CheckpointError(f"encoder weights {path} do not exist: download the checkpoint "
-                                  f"(scripts/setup.sh) or fix the path in params.yaml")
+                                  f"or fix its path in params.yaml → models")
     return sorted(found, key=lambda item: item[0])
 
 

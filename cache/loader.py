@@ -241,10 +241,6 @@ class CacheLoader:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def epoch_plan(self, epoch: int) -> list[list[str]]:
-        """The keys of every batch this node gets in ``epoch`` (no data read)."""
-        return list(self._plan.epoch_batches(epoch))
-
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return sum(1 for _ in self._plan.epoch_batches(epoch))
 

@@ -109,9 +109,6 @@ class SongFeatures:
             out[name] = value
         return out
 
-    def streams_present(self) -> list[str]:
-        return [s for s, names in STREAMS.items() if all(getattr(self, n) is not None for n in names)]
-
     @property
     def seconds(self) -> float:
         if self.latents is not None:

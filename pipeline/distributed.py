@@ -45,10 +45,6 @@ def info() -> DistInfo:
     return DistInfo()
 
 
-def is_main() -> bool:
-    return info().is_main
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → this process's GPU (cuda:LOCAL_RANK) if CUDA is present, else the CPU."""
     if name == "auto":

@@ -26,15 +26,6 @@ from pipeline.config import EncodeConfig, ModelsConfig, resolve_device, resolve_
 FEATURES_CODE_VERSION = "1"
 AUDIO_STREAMS = ("latents", "mert", "mhubert")
 STREAMS = AUDIO_STREAMS + ("text",)
-MAX_LYRIC_TOKENS = 4096  # the official dataset's truncation (spec §4.3)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """Files of a model folder that determine its outputs (weights, configs, remote code, vocab)."""
-    if folder.is_file():
-        return [folder]
-    keep = (".safetensors", ".bin", ".json", ".py", ".model", ".txt")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in keep and "README" not in p.name)
 
 
 def stream_sources(stream: str, models: ModelsConfig) -> list[Path]:
@@ -70,6 +61,8 @@ def stream_settings(stream: str, encode: EncodeConfig, min_seconds: float) -> di
     if stream in AUDIO_STREAMS:
         settings["min_seconds"] = min_seconds
     else:
+        from pipeline.text.lyrics import MAX_LYRIC_TOKENS
+
         settings.update(text_variants=encode.text_variants, text_seed=encode.text_seed,
                         max_lyric_tokens=MAX_LYRIC_TOKENS)
     return settings
@@ -79,9 +72,8 @@ def stream_fingerprint(stream: str, models: ModelsConfig, encode: EncodeConfig, 
                        cache_dir: Path | None = None) -> str:
     from cache.fingerprint import fingerprint, hash_cache_path
 
-    files = [f for src in stream_sources(stream, models) for f in _weight_files(src)]
     memo = hash_cache_path(cache_dir) if cache_dir is not None else None
-    return fingerprint(files, stream_settings(stream, encode, min_seconds), FEATURES_CODE_VERSION,
+    return fingerprint(stream_sources(stream, models), stream_settings(stream, encode, min_seconds), FEATURES_CODE_VERSION,
                        hash_cache=memo)
 
 
@@ -151,7 +143,9 @@ class StreamEncoder:
         prompts = prompt_variants(tags, recaption or {}, self.encode.text_variants,
                                   song_seed(self.encode.text_seed, key))
         states, mask = self.model.encode(prompts)
-        ids = self.tokenizer.tokenize(lyrics)[:MAX_LYRIC_TOKENS]
+        from pipeline.text.lyrics import truncate_lyric_ids
+
+        ids = truncate_lyric_ids(self.tokenizer.tokenize(lyrics))
         return {
             "text_states": states.float().cpu(),
             "text_masks": mask.long().cpu(),

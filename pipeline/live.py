@@ -108,14 +108,11 @@ class LiveSource:
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
 
 
-def make_live_source(project: ProjectConfig, config, device=None) -> LiveSource:
-    """The `aceturbo train --live` batch source for a TrainConfig (same batches as the cache loader)."""
-    import json
-
+def make_live_source(project: ProjectConfig, config, speaker_dim: int = 512) -> LiveSource:
+    """The `aceturbo train --live` batch source for a TrainConfig (same batches as the cache loader).
+    The encoders run on encode.device; ``speaker_dim`` is the transformer's speaker_embedding_dim."""
     from pipeline.dataset import read_manifest
 
-    transformer_config = project.models.paths().require("ace_step_transformer") / "config.json"
-    speaker_dim = json.loads(transformer_config.read_text(encoding="utf-8")).get("speaker_embedding_dim", 512)
     from pipeline import distributed
 
     rank = distributed.info()

@@ -34,10 +34,14 @@ def _defaults(checkpoint: str | None, lyric_vocab: str | None, params_path: str)
     if checkpoint is None:
         checkpoint = models.acestep
     if lyric_vocab is None:
-        root = Path(checkpoint)
-        beside = [root / "lyrics_vocab.json", root.parent / "lyrics_vocab.json"]
-        if not any(p.is_file() for p in beside) and Path(models.lyric_vocab).is_file():
-            lyric_vocab = models.lyric_vocab
+        from pipeline.errors import CheckpointError
+        from pipeline.sampling.generation import find_lyric_vocab
+
+        try:  # one inside or beside the checkpoint wins; else the one params.yaml names
+            find_lyric_vocab(Path(checkpoint), None)
+        except CheckpointError:
+            if Path(models.lyric_vocab).is_file():
+                lyric_vocab = models.lyric_vocab
     return checkpoint, lyric_vocab
 
 

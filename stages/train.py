@@ -246,14 +246,9 @@ def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir:
     """The cache loader (fingerprints checked), or the live source with --live."""
     speaker_dim = _transformer_config(transformer_dir).get("speaker_embedding_dim", 512)
     if config.live:
-        try:
-            from pipeline.live import make_live_source
-        except ImportError as exc:
-            if exc.name == "pipeline.live" or "make_live_source" in str(exc):
-                raise ConfigError("--live needs pipeline.live.make_live_source, which this checkout does not "
-                                  "have; train from the cache (drop --live) after `dvc repro`.") from None
-            raise
-        return make_live_source(project=project, config=config, device=device)
+        from pipeline.live import make_live_source
+
+        return make_live_source(project=project, config=config, speaker_dim=speaker_dim)
     from cache.loader import LoaderSettings, make_loader
 
     folder = cache_dir or project.paths.features  # a folder or an fsspec URL

@@ -26,11 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.sampling.guidance import MomentumBuffer, apg, cfg, guidance_scale_at
 from pipeline.sampling.schedule import euler_step, inference_sigmas, inference_timesteps
 
-LATENT_CHANNELS = 8
-LATENT_HEIGHT = 16
-SAMPLE_RATE_44K = 44100
-HOP = 512
-TIME_COMPRESSION = 8
+from pipeline.models.codec import CODEC_SAMPLE_RATE, HOP_LENGTH, LATENT_CHANNELS, LATENT_HEIGHT, TIME_MULTIPLE
 
 # ERG ("temperature") settings of the reference pipeline.
 ERG_FACTOR = 0.01
@@ -83,11 +79,11 @@ class SamplerSettings:
 
 def frames_for_duration(duration_s: float) -> int:
     """Latent frames for a duration, as the reference computes them: int(d·44100/512/8)."""
-    return int(duration_s * SAMPLE_RATE_44K / HOP / TIME_COMPRESSION)
+    return int(duration_s * CODEC_SAMPLE_RATE / HOP_LENGTH / TIME_MULTIPLE)
 
 
 def duration_for_frames(n_frames: int) -> float:
-    return n_frames * HOP * TIME_COMPRESSION / SAMPLE_RATE_44K
+    return n_frames * HOP_LENGTH * TIME_MULTIPLE / CODEC_SAMPLE_RATE
 
 
 # --------------------------------------------------------------------------------------- hooks

@@ -137,7 +137,3 @@ class LyricTokenizer:
         return ids, [1] * len(ids)
 
 
-def vocab_special_ids(path: str | Path) -> dict[str, int]:
-    """{token: id} of the added tokens of a vocabulary file (a quick look without the tokenizer)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {t["content"]: t["id"] for t in data.get("added_tokens", [])}
