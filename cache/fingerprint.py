@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import CacheError, CheckpointError
+from pipeline.fileio import write_json_atomic
 
 HASH_CACHE_NAME = ".file_hashes.json"
 _READ_BYTES = 4 << 20  # stream files in 4 MiB pieces: constant memory for any checkpoint size
@@ -72,11 +72,7 @@ def _load_memo(path: Path | None) -> dict:
 
 
 def _save_memo(path: Path, memo: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(memo, handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, memo, indent=1, sort_keys=True)
 
 
 def fingerprint(weights_path_or_files, settings: dict, code_version: str,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ import numpy as np
 import soundfile as sf
 
 from pipeline.errors import AudioDecodeError
+from pipeline.fileio import atomic_output
 
 if TYPE_CHECKING:
     import torch
@@ -206,14 +206,8 @@ def save_audio(path: str | Path, wav: "torch.Tensor | np.ndarray", sample_rate: 
     if data.ndim == 1:
         data = data[None]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         sf.write(tmp, np.ascontiguousarray(data.T), int(sample_rate), format=fmt, subtype=subtype)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

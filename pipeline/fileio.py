@@ -1,28 +1,139 @@
-"""Atomic file writes: a temp file in the same folder, then os.replace.
+"""Atomic, durable file writes: a temp file in the same folder, fsync, then os.replace.
 
-A crash or Ctrl-C leaves either the old file or the new one, never half of one, and a unique temp
-name means two processes never write into the same temp file.
+A crash, Ctrl-C or power cut leaves either the old file or the new one, never half of one: the
+data is flushed to disk (fsync) before the rename that publishes it, and the folder is flushed
+after, so the rename itself survives a power cut. A unique temp name means two processes never
+write into the same temp file.
+
+Files get the mode a plain ``open()`` would give them (0666 minus the umask: 0644 by default).
+``tempfile.mkstemp`` and safetensors' ``save_file`` create 0600 files whatever the umask
+(STACK.md pitfall 16), which would make a LoRA unreadable to a ComfyUI running as another user.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS lets us (Linux /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new regular file should have: what open() gives it (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode a new folder should have: what mkdir() gives it (0755 under umask 022)."""
+    return 0o777 & ~current_umask()
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into or out of it) to disk; a no-op where folders cannot
+    be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (e.g. certain network mounts) refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and folder under ``path`` (a folder about to be published by a rename)."""
+    path = Path(path)
+    if path.is_file():
+        fsync_file(path)
+        return
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
+def publish_file(tmp: str | Path, final: str | Path) -> Path:
+    """Give ``tmp`` the default mode, flush it, rename it to ``final`` and flush the folder."""
+    os.chmod(tmp, file_mode())
+    fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+    return Path(final)
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Flush a finished folder ``tmp`` and rename it to ``final`` (which must not exist), then flush
+    the parent folder: after a power cut the folder is either absent or complete."""
+    tmp = Path(tmp)
+    os.chmod(tmp, dir_mode())  # mkdtemp makes 0700 folders
+    fsync_tree(tmp)
+    os.rename(tmp, final)
+    fsync_dir(Path(final).parent)
+    return Path(final)
+
+
+def remove_dir_atomic(path: str | Path, hidden_prefix: str = ".trash-") -> None:
+    """Delete a folder so that no half-deleted folder is ever seen under its name: rename it to a
+    hidden name first (one atomic step), then delete that."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{hidden_prefix}{path.name}-"))
+    os.rmdir(trash)
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` for a writer that takes a file name (torch.save,
+    safetensors, matplotlib, soundfile); on success publish it as ``path`` (mode, fsync, rename),
+    on any failure delete it and leave ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        yield Path(tmp)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

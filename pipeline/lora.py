@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.fileio import atomic_output
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGETS = ["speaker_embedder", "linear_q", "linear_k", "linear_v", "to_q", "to_k", "to_v", "to_out.0"]
@@ -213,12 +213,8 @@ def write_lora_file(
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     path = folder / LORA_WEIGHTS_NAME
-    tmp = folder / f".{LORA_WEIGHTS_NAME}.{os.getpid()}.tmp"
-    try:
+    with atomic_output(path) as tmp:  # 0644 under umask 022 (save_file alone makes 0600 files)
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

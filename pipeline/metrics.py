@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.fileio import write_bytes_atomic
+from pipeline.fileio import atomic_output, write_bytes_atomic
 
 # Fields of every metrics.jsonl record, in order.
 FIELDS = ("step", "epoch", "loss", "denoise_loss", "mert_loss", "mhubert_loss", "lr", "grad_norm",
@@ -85,14 +83,8 @@ def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = 
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pipeline.dataset import (
     write_text_atomic,
 )
 from pipeline.errors import AceTurboError, ConfigError, DatasetError
+from pipeline.fileio import atomic_output
 
 PARAMS = "params.yaml"
 
@@ -329,14 +329,8 @@ def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------ background jobs

@@ -1,0 +1,67 @@
+"""Atomic writes keep the umask's mode (mkstemp and safetensors alone make 0600 files) and never
+leave a half file under the final name."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from pipeline import fileio
+
+
+@pytest.fixture
+def umask():
+    def set_mask(mask: int) -> None:
+        os.umask(mask)
+
+    old = os.umask(0o022)
+    yield set_mask
+    os.umask(old)
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask, want", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mask, want):
+    umask(mask)
+    assert fileio.current_umask() == mask
+    assert mode_of(fileio.write_text_atomic(tmp_path / "a.txt", "x")) == want
+    with fileio.atomic_output(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"y")
+    assert mode_of(tmp_path / "b.bin") == want
+
+
+def test_lora_file_is_world_readable_under_umask_022(tmp_path, umask):
+    import torch
+
+    from pipeline.lora import LoraSettings, write_lora_file
+
+    umask(0o022)
+    path = write_lora_file({"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)},
+                           tmp_path / "lora", LoraSettings(r=2, alpha=2.0, target_modules=["a"]))
+    assert mode_of(path) == 0o644
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = fileio.write_text_atomic(tmp_path / "keep.txt", "old")
+    with pytest.raises(RuntimeError):
+        with fileio.atomic_output(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_publish_dir_and_remove_dir_atomic(tmp_path, umask):
+    import tempfile
+
+    umask(0o022)
+    tmp = tempfile.mkdtemp(dir=tmp_path, prefix=".tmp-")
+    (tmp_path / tmp / "f").write_text("x")
+    final = fileio.publish_dir(tmp, tmp_path / "done")
+    assert mode_of(final) == 0o755 and (final / "f").read_text() == "x"
+    fileio.remove_dir_atomic(final)
+    assert list(tmp_path.iterdir()) == []
