@@ -33,3 +33,7 @@ class CacheError(AceTurboError):
 
 class ConfigError(AceTurboError):
     """A setting has an invalid value."""
+
+
+class DiskFullError(AceTurboError):
+    """A write ran out of disk space (or quota); what was published before is intact."""

@@ -11,6 +11,7 @@ Files get the mode a plain ``open()`` would give them (0666 minus the umask: 064
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from pipeline.errors import DiskFullError
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def current_umask() -> int:
@@ -110,6 +115,47 @@ def remove_dir_atomic(path: str | Path, hidden_prefix: str = ".trash-") -> None:
     os.rename(path, trash)
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an out-of-space / out-of-quota error anywhere in the exception's chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def disk_full_guard(path: str | Path, needed_bytes: int | None = None, kept: str = "") -> Iterator[None]:
+    """Turn running out of disk space while writing ``path`` into one DiskFullError line: which
+    file, that the disk is full, how much was needed (when known), and what is intact (``kept``)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        folder = Path(path).parent
+        try:
+            free = f"{_human(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = "free space unknown"
+        need = f"about {_human(needed_bytes)} needed, " if needed_bytes else ""
+        tail = f"; {kept}" if kept else ""
+        raise DiskFullError(f"disk full while writing {path} ({need}{free}): free some space and run the "
+                            f"command again{tail}") from None
 
 
 @contextmanager

@@ -65,3 +65,20 @@ def test_publish_dir_and_remove_dir_atomic(tmp_path, umask):
     assert mode_of(final) == 0o755 and (final / "f").read_text() == "x"
     fileio.remove_dir_atomic(final)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_becomes_one_line(tmp_path):
+    import errno
+
+    from pipeline.errors import DiskFullError
+
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*x\.bin \(about 2\.0 MB needed, .* free\).*"
+                                            r"the last checkpoint is intact"):
+        with fileio.disk_full_guard(tmp_path / "x.bin", 2_000_000, kept="the last checkpoint is intact"):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as inner:
+                raise RuntimeError("wrapped") from inner
+    with pytest.raises(ValueError):
+        with fileio.disk_full_guard(tmp_path / "x.bin"):
+            raise ValueError("not a disk problem")
