@@ -138,8 +138,24 @@ def test_batching_does_not_change_features(tiny):
             torch.testing.assert_close(alone, batched[i], rtol=1e-6, atol=1e-6)
 
 
+def _cpu_grouped_bf16_conv_is_wrong(channels: int, groups: int, kernel: int) -> bool:
+    """oneDNN in torch 2.14 computes bf16 grouped conv1d wrongly on some CPUs (seen on AMX /
+    AVX512-BF16 Xeons) when a group has fewer than 16 channels: the tiny models' positional conv
+    (24 channels in 2 groups) is hit, the released MERT/mHuBERT shapes (64 and 48 per group) are not."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, channels, 64, generator=gen), torch.randn(channels, channels // groups, kernel, generator=gen)
+    want = torch.nn.functional.conv1d(x, w, padding=kernel // 2, groups=groups)
+    got = torch.nn.functional.conv1d(x.bfloat16(), w.bfloat16(), padding=kernel // 2, groups=groups).float()
+    return rel_err(got, want) > 0.05
+
+
 def test_input_dtype_and_bf16_compute(tiny):
     """Preprocessing runs in fp32 whatever the input dtype; a bf16 model stays close to fp32."""
+    config = json.loads((tiny[0] / "config.json").read_text())
+    if _cpu_grouped_bf16_conv_is_wrong(config["hidden_size"], config["num_conv_pos_embedding_groups"],
+                                       config["num_conv_pos_embeddings"]):
+        pytest.skip("this CPU's oneDNN computes bf16 grouped conv1d wrongly for the tiny model's shape "
+                    "(fewer than 16 channels per group; the released models' shapes are unaffected)")
     torch.manual_seed(4)
     wav = torch.randn(1, 2, 2 * SR) * 0.2
     fp32 = MertExtractor.from_folder(tiny[0], device="cpu").extract(wav, [wav.shape[-1]])[0]
