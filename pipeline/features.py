@@ -23,7 +23,7 @@ from pipeline.checkpoints import lyric_embedding_rows
 from pipeline.config import EncodeConfig, ModelsConfig, resolve_device, resolve_dtype
 
 # Bump when the way features are computed changes: every cached shard made before is refused.
-FEATURES_CODE_VERSION = "1"
+FEATURES_CODE_VERSION = "2"  # 2: lyric cleaners with the reference's currency and line-strip rules (#14)
 AUDIO_STREAMS = ("latents", "mert", "mhubert")
 STREAMS = AUDIO_STREAMS + ("text",)
 

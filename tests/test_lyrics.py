@@ -10,7 +10,7 @@ import json
 import pytest
 
 from pipeline.errors import AceTurboError, CheckpointError
-from pipeline.text.cleaners import chinese_number, clean_line
+from pipeline.text.cleaners import chinese_number, clean_line, expand_currencies
 from pipeline.text.langdetect import detect_line_language
 from pipeline.text.lyrics import MAX_LYRIC_TOKENS, LyricTokenizer, truncate_lyric_ids
 from pipeline.tiny.text import save_demo_lyric_vocab
@@ -102,6 +102,127 @@ def test_cleaners():
     assert clean_line("사랑해", "ko") == "salanghae"
     assert clean_line("नमस्ते", "hi") == "नमस्ते"
     assert [chinese_number(n) for n in (0, 12, 105, 1001, 20000)] == ["零", "十二", "一百零五", "一千零一", "二万"]
+
+
+# Currency amounts (issue #14): num2words' currency form, the zero-cents part of a whole amount
+# dropped from the last joiner; texts as the installed num2words (0.5.14) prints them.
+CURRENCY_CASES = [
+    # en: prefix and suffix symbols, cents and whole amounts, thousands commas
+    ("Paid $45.50 today", "en", "paid forty-five dollars, fifty cents today"),
+    ("Paid 45.50$ today", "en", "paid forty-five dollars, fifty cents today"),
+    ("Only €3", "en", "only three euro"),
+    ("It's $1,000", "en", "it's one thousand dollars"),
+    ("£1,234.50 now", "en", "one thousand, two hundred and thirty-four pounds sterling, fifty pence now"),
+    ("$45,50", "en", "forty-five dollars, fifty cents"),  # "," before two digits: the decimal point
+    # de: comma decimals, thousands dots; num2words' capitals kept (the line was lower-cased before)
+    ("Ich habe 45,50€", "de", "ich habe fünfundvierzig Euro und fünfzig Cent"),
+    ("Nur 3€", "de", "nur drei Euro"),
+    ("$3", "de", "drei Dollar"),
+    ("Es kostet 1.234,50€", "de", "es kostet eintausendzweihundertvierunddreißig Euro und fünfzig Cent"),
+    # fr: the joiner " et " is cut at its LAST occurrence ("vingt et un" stays whole)
+    ("J'ai 21€", "fr", "j'ai vingt et un euros"),
+    ("J'ai 3,20€", "fr", "j'ai trois euros et vingt centimes"),
+    ("£2", "fr", "deux livres"),
+    # es
+    ("Tengo $45", "es", "tengo cuarenta y cinco dólares"),
+    ("Tengo 45,50$", "es", "tengo cuarenta y cinco dólares con cincuenta centavos"),
+    # it: GBP, then EUR, in one line
+    ("Ho 3€ e £1", "it", "ho tre euro e una sterlina"),
+    ("Ho 2,50€", "it", "ho due euro e cinquanta centesimi"),
+    # pt: num2words prints no cents for a whole amount; the cut at the last " e " still applies,
+    # so 45 keeps only "quarenta" (what the released tokenizer encoded)
+    ("Tenho 3€", "pt", "tenho três euros"),
+    ("Tenho 45€", "pt", "tenho quarenta"),
+    ("Tenho 3,50$", "pt", "tenho três dólares e cinquenta cêntimos"),
+    # a symbol apart from the digits is no amount: the symbol step spells it
+    ("paid $ 5", "en", "paid dollar five"),
+]
+
+
+@pytest.mark.parametrize("text,lang,cleaned", CURRENCY_CASES)
+def test_currency_amounts(text, lang, cleaned):
+    assert clean_line(text, lang) == cleaned
+
+
+def test_failing_currency_expansion_leaves_the_text():
+    # num2words has no Czech under the code "cz", no Turkish currency argument, no GBP in pl:
+    assert expand_currencies("mam $5", "cs") == "mam $5"
+    assert expand_currencies("5$ var", "tr") == "5$ var"
+    assert expand_currencies("£5 i $5", "pl") == "£5 i $5"  # GBP fails first: USD/EUR not tried
+    # an amount that does not parse stops the step at its currency; earlier currencies stay expanded
+    assert expand_currencies("£5 and 1.000.50$", "en") == "five pounds sterling and 1.000.50$"
+    # ... and the later steps then read the digits and the symbol
+    assert clean_line("mam $5", "cs") == "mam dolar pět"
+    assert clean_line("5$ var", "tr") == "beş dolar var"
+    assert clean_line("3.5 ve 2,5", "tr") == "üç.beş ve iki,beş"  # no decimal step in Turkish
+
+
+def test_any_error_inside_currency_expansion_leaves_the_text(monkeypatch):
+    import num2words
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(num2words, "num2words", broken)
+    assert expand_currencies("Paid $45.50 and €3", "en") == "Paid $45.50 and €3"
+
+
+def test_line_ends_are_stripped_in_cleaned_languages(monkeypatch):
+    assert clean_line("  Hello   world  ", "en") == "hello world"
+    assert clean_line("\tYo soy  $3 ", "es") == "yo soy tres dólares"
+    assert clean_line("  & me  ", "en") == "and me"  # also the spaces a symbol's word brings
+    assert clean_line("  你好　", "zh") == "ni3hao3"
+    # hi and ja are not stripped by the cleaners: hi keeps the spaces; cutlet drops them itself,
+    # the fallback without cutlet keeps them.
+    assert clean_line("  नमस्ते  ", "hi") == "  नमस्ते  "
+    assert clean_line("  こんにちは  ", "ja") == "konnichiha"
+    import pipeline.text.cleaners as cleaners
+
+    monkeypatch.setattr(cleaners, "_cutlet", lambda: None)
+    assert clean_line("  こんにちは  ", "ja") == "  こんにちは  "
+
+
+def test_whole_lyrics_with_currency_and_line_ends(real_tokenizer):
+    """Whole-lyrics ids: each line's expected cleaned text, BPE-encoded directly with the same
+    vocabulary, must be what `tokenize` assembles (language detected per line)."""
+    from tokenizers import Tokenizer
+
+    bpe = Tokenizer.from_file(str(real_tokenizer.path))
+
+    def line_ids(tag: str, cleaned: str) -> list[int]:
+        return bpe.encode(tag + cleaned.replace(" ", "[SPACE]"), add_special_tokens=False).ids
+
+    lines = [
+        ("[verse]", "[en]", "[verse]"),
+        ("  I paid $45.50 for the ticket tonight  ", "[en]",
+         "i paid forty-five dollars, fifty cents for the ticket tonight"),
+        ("Now it costs 3€ more than before", "[en]", "now it costs three euro more than before"),
+        ("Ich habe heute nur 3€ für dich bezahlt ", "[de]", "ich habe heute nur drei Euro für dich bezahlt"),
+        ("Das Ticket kostet 45,50€ heute Nacht", "[de]",
+         "das ticket kostet fünfundvierzig Euro und fünfzig Cent heute nacht"),
+        (" J'ai payé 21€ pour te voir ce soir", "[fr]", "j'ai payé vingt et un euros pour te voir ce soir"),
+        ("Le billet coûte 3,20€ ce soir", "[fr]", "le billet coûte trois euros et vingt centimes ce soir"),
+        ("Pagué $45 por verte esta noche", "[es]", "pagué cuarenta y cinco dólares por verte esta noche"),
+        ("La entrada cuesta 45,50$ esta noche", "[es]",
+         "la entrada cuesta cuarenta y cinco dólares con cincuenta centavos esta noche"),
+        ("Ho pagato 3€ per vederti stasera", "[it]", "ho pagato tre euro per vederti stasera"),
+        ("Il biglietto costa 2,50€ stasera", "[it]", "il biglietto costa due euro e cinquanta centesimi stasera"),
+        ("Tenho 45€ no meu bolso esta noite", "[pt]", "tenho quarenta no meu bolso esta noite"),
+        ("O bilhete custa 3,50$ esta noite", "[pt]", "o bilhete custa três dólares e cinquenta cêntimos esta noite"),
+        ("  मैं तुमसे प्यार करता हूँ  ", "[hi]", "  मैं तुमसे प्यार करता हूँ  "),  # hi: ends kept
+    ]
+    expected = [real_tokenizer.start_id]
+    for _, tag, cleaned in lines:
+        expected += line_ids(tag, cleaned) + [real_tokenizer.space_id]
+    ids = real_tokenizer.tokenize("\n".join(line for line, _, _ in lines))
+    assert ids == expected
+    # The expanded amounts encode without unknowns (capital letters included).
+    assert all(real_tokenizer.unk_id not in line_ids(tag, cleaned) for _, tag, cleaned in lines[:-1])
+    # The padded English line: its tag is followed by a word, and it ends with one [SPACE].
+    en_line = real_tokenizer.encode("  I paid $45.50 for the ticket tonight  ", "en")
+    assert en_line[0] == real_tokenizer.token_id("[en]") and real_tokenizer.space_id not in (en_line[1], en_line[-1])
+    hi_line = real_tokenizer.encode("  मैं  ", "hi")
+    assert hi_line[1:3] == [real_tokenizer.space_id] * 2 and hi_line[-2:] == [real_tokenizer.space_id] * 2
 
 
 def test_japanese_fallback_without_cutlet(monkeypatch):

@@ -1,14 +1,17 @@
 """Per-language text normalisation applied to one lyric line before VoiceBPE encoding (spec §4.3).
 
 The released lyric encoder was trained on text that went through this normalisation, so the
-vocabulary only knows lower-case letters, spelled-out numbers and romanised CJK/Korean text:
+vocabulary is built on lower-case letters, spelled-out numbers and romanised CJK/Korean text
+(it has A-Z too, which num2words' capitals in German currency amounts use):
 an unnormalised "3" or "你" would become ``[UNK]``. Steps, in order:
 
 1. lower-case and drop double quotes (every language);
-2. numbers → words (num2words; our own converter for Chinese, which num2words lacks);
-3. abbreviations ("dr." → "doctor") and symbols ("&" → "and") in the line's language;
+2. numbers → words (num2words; our own converter for Chinese, which num2words lacks):
+   currency amounts, decimals, ordinals, integers;
+3. abbreviations ("dr." → "doctor") and symbols ("&" → "and") in the line's language; the
+   symbol step ends by stripping the line, so its leading/trailing spaces never become [SPACE];
 4. full-width CJK punctuation → ASCII (the vocabulary only has the ASCII marks);
-5. whitespace collapsed to single spaces;
+5. whitespace runs collapsed to single spaces;
 6. script conversion: zh → pinyin with tone numbers (TONE3, syllables joined), ko → academic
    romanisation, ja → Hepburn romaji (cutlet, MeCab/UniDic-lite), hi → lower-case only.
 
@@ -81,17 +84,25 @@ _NUM2WORDS_LANG = {"en": "en", "de": "de", "fr": "fr", "es": "es", "it": "it", "
                    "pl": "pl", "tr": "tr", "ru": "ru", "cs": "cs", "nl": "nl", "ar": "ar",
                    "hu": "hu", "ko": "ko", "ja": "ja"}
 
-_CURRENCY_WORDS = {  # (singular, plural) for "$5" / "5€" in the languages where it is common
-    "en": {"$": ("dollar", "dollars"), "€": ("euro", "euros"), "£": ("pound", "pounds")},
-    "de": {"$": ("dollar", "dollar"), "€": ("euro", "euro"), "£": ("pfund", "pfund")},
-    "fr": {"$": ("dollar", "dollars"), "€": ("euro", "euros"), "£": ("livre", "livres")},
-    "es": {"$": ("dólar", "dólares"), "€": ("euro", "euros"), "£": ("libra", "libras")},
-    "it": {"$": ("dollaro", "dollari"), "€": ("euro", "euro"), "£": ("sterlina", "sterline")},
-    "pt": {"$": ("dólar", "dólares"), "€": ("euro", "euros"), "£": ("libra", "libras")},
-}
-
 _EN_ORDINAL = re.compile(r"\b(\d+)(st|nd|rd|th)\b")
-_CURRENCY = re.compile(r"([$€£])\s?(\d+(?:[.,]\d+)?)|(\d+(?:[.,]\d+)?)\s?([$€£])")
+
+# Currency amounts: the symbol right before or right after the digits ("$45.50", "45,50€").
+# The amount may hold several separators: "1.000.50$" is matched whole and then fails to parse,
+# which (like any failure in this step) leaves the text to the later number steps.
+_AMOUNT = r"\d(?:[\d.,]*\d)?"
+# Applied in this order (GBP, USD, EUR), as the reference does.
+_CURRENCIES = tuple(
+    (code, re.compile(rf"{re.escape(symbol)}({_AMOUNT})|({_AMOUNT}){re.escape(symbol)}"))
+    for code, symbol in (("GBP", "£"), ("USD", "$"), ("EUR", "€"))
+)
+# What num2words puts between the main unit and the cents in each language: for a whole amount
+# everything from its LAST occurrence is dropped ("three dollars, zero cents" → "three dollars").
+# It is the last occurrence even where the joiner also occurs inside the number itself, so pt
+# "45€" ("quarenta e cinco euros") becomes "quarenta": that is what the released tokenizer did.
+_CURRENCY_JOINERS = {
+    **dict.fromkeys(("en", "pl", "cs", "ru", "nl", "ar", "tr", "hu", "ko"), ", "),
+    "es": " con ", "fr": " et ", "de": " und ", "pt": " e ", "it": " e ",
+}
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")  # English "1,000"
 _THOUSANDS_DOT = re.compile(r"(?<=\d)\.(?=\d{3}\b)")  # continental "1.000"
 _DECIMAL = re.compile(r"(\d+)[.,](\d+)")
@@ -165,28 +176,52 @@ def _number_words(match_text: str, lang: str) -> str:
     return match_text if words is None else words
 
 
+def _currency_words(amount_text: str, lang: str, currency: str) -> str:
+    """One amount (thousands separators already removed) in words, e.g. "45,50" USD en →
+    "forty-five dollars, fifty cents". Raises whatever num2words or float() raises."""
+    from num2words import num2words
+
+    amount = float(amount_text.replace(",", "."))  # "," is read as the decimal point
+    # "cz": the code the released tokenizer passed for Czech. num2words 0.5.14 calls Czech "cs",
+    # so Czech currency fails there and its amounts are left to the later steps, as in the reference.
+    words = num2words(amount, to="currency", currency=currency, lang="cz" if lang == "cs" else lang)
+    if amount.is_integer():
+        cut = words.rfind(_CURRENCY_JOINERS[lang])
+        if cut != -1:
+            words = words[:cut]
+    # Not lower-cased: the line was lower-cased before this step, so the released tokenizer kept
+    # num2words' capitals ("drei Dollar"), and the vocabulary has the capital letters.
+    return words
+
+
+def expand_currencies(text: str, lang: str) -> str:
+    """£, $ and € amounts → words with num2words' currency form, currencies in the order GBP,
+    USD, EUR. When an expansion fails (num2words lacks the currency in this language, e.g. GBP
+    in pl/ru/ko or anything in tr, or the amount does not parse) the step stops there: the
+    failing currency and those after it stay as they were, for the later number steps."""
+    if lang not in _CURRENCY_JOINERS:
+        return text
+    for code, pattern in _CURRENCIES:
+        try:
+            text = pattern.sub(lambda m: _currency_words(m.group(1) or m.group(2), lang, code), text)
+        except Exception:  # num2words raises many types: NotImplementedError, TypeError, InvalidOperation ...
+            break
+    return text
+
+
 def expand_numbers(text: str, lang: str) -> str:
-    """Digits → words in ``lang``: currencies, English ordinals, thousands separators, decimals,
-    then plain integers. Letters glued to a number stay glued ("5pm" → "fivepm"), as the
-    released tokenizer did."""
+    """Digits → words in ``lang``: thousands separators removed, then currency amounts, decimals
+    (not in Turkish), English ordinals, plain integers. Letters glued to a number stay glued
+    ("5pm" → "fivepm"), as the released tokenizer did."""
     if lang == "en":
         text = _THOUSANDS_COMMA.sub("", text)
     else:
         text = _THOUSANDS_DOT.sub("", text)
-
-    def currency(m: re.Match) -> str:
-        symbol = m.group(1) or m.group(4)
-        amount = m.group(2) or m.group(3)
-        names = _CURRENCY_WORDS.get(lang, {}).get(symbol)
-        if names is None:
-            return m.group(0)
-        plural = names[0] if amount in ("1", "1.00", "1,00") else names[1]
-        return f"{_number_words(amount, lang)} {plural}"
-
-    text = _CURRENCY.sub(currency, text)
+    text = expand_currencies(text, lang)
+    if lang != "tr":  # the released tokenizer left Turkish decimals to the integer step
+        text = _DECIMAL.sub(lambda m: _number_words(m.group(0), lang), text)
     if lang == "en":
         text = _EN_ORDINAL.sub(lambda m: _num2words(int(m.group(1)), "en", "ordinal") or m.group(0), text)
-    text = _DECIMAL.sub(lambda m: _number_words(m.group(0), lang), text)
     return _INTEGER.sub(lambda m: _number_words(m.group(0), lang), text)
 
 
@@ -205,13 +240,16 @@ def expand_abbreviations(text: str, lang: str) -> str:
 
 
 def expand_symbols(text: str, lang: str) -> str:
+    """Symbols → words; ends with strip(), as the released tokenizer's symbol step did, so a
+    line's leading/trailing spaces (also those "&" → " and " adds) never become [SPACE]."""
     for symbol, word in _SYMBOLS.get(lang, {}).items():
         text = text.replace(symbol, f" {word} ")
-    return text
+    return text.strip()
 
 
 def collapse_whitespace(text: str) -> str:
-    # Not stripped: the released tokenizer kept a leading/trailing space (it becomes [SPACE]).
+    # Runs → one space, not stripped: the ends were stripped by expand_symbols (the languages
+    # with full cleaning); ja and hi never come here and keep theirs.
     return _WHITESPACE.sub(" ", text)
 
 
