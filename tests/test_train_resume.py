@@ -29,13 +29,13 @@ def _config():
 def _to_old_format(ckpt):
     """Rewrite a checkpoint the way aceturbo wrote it before LoRA files were baked: the LoRA file
     unbaked (official trainer's form), training_state.pt format 1 without lora_weights."""
-    from pipeline.lora import read_lora_file, write_lora_file
+    from pipeline.lora import inspect_lora, write_lora_file
 
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
     trained = state.pop("lora_weights")
     state["format"] = 1
     torch.save(state, ckpt / STATE_FILE)
-    write_lora_file(trained, ckpt, read_lora_file(ckpt)[1].trained, baked=False)
+    write_lora_file(trained, ckpt, inspect_lora(ckpt).trained, baked=False)
 
 
 @pytest.mark.parametrize("old_format", [False, True], ids=["new", "old-format-checkpoint"])

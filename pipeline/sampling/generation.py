@@ -228,9 +228,10 @@ def apply_lora(transformer, lora: str | Path, weight: float) -> dict[str, Any]:
 
 def lora_summary(lora_info: dict[str, Any]) -> str:
     """One line on the LoRA a generation applied (what `aceturbo generate` prints)."""
-    return (f"LoRA {lora_info['path']}: weight {lora_info['weight']:g} x trained scale {lora_info['trained_scale']:g} "
-            f"(r={lora_info['r']}, alpha={lora_info['alpha']:g}, rsLoRA={lora_info['use_rslora']}; "
-            f"{lora_info['scale_source']}) = applied scale {lora_info['effective_scale']:g}")
+    info = lora_info
+    return (f"LoRA {info['path']}: weight {info['weight']:g} x trained scale {info['trained_scale']:g} "
+            f"(r={info['r']}, alpha={info['alpha']:g}, rsLoRA={info['use_rslora']}; {info['scale_source']}) "
+            f"= applied scale {info['effective_scale']:g}")
 
 
 # ----------------------------------------------------------------------------- metadata
