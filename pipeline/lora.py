@@ -14,7 +14,8 @@ strength 1.0 the loaders users have apply other things. The official ACE-Step pi
 scale × B (lora_A as trained), the metadata says lora_alpha = r without rsLoRA, and each module has a
 scalar ``<module>.alpha`` = r: scale 1 by every rule, the trained change at strength 1.0 everywhere.
 Multiplying by a power of two (8, 4 and 2: the presets' scales) is exact in bf16; for other scales
-16-bit weights are stored as float32 (one rounding of scale × B, ~6e-8). All of the scale goes into B
+16-bit weights are stored as float32 (one rounding of scale × B, ~6e-8; diffusers on a bf16 model
+rounds them to bf16 itself, ~3e-3, while ``load_lora`` keeps them float32). All of the scale goes into B
 (not √scale into each): one rounding instead of two, none for powers of two. Training resumes from
 the unbaked weights kept in training_state.pt (pipeline.train_state).
 

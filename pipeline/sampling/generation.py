@@ -226,9 +226,8 @@ def apply_lora(transformer, lora: str | Path, weight: float) -> dict[str, Any]:
     }
 
 
-def lora_summary(lora_info: dict[str, Any]) -> str:
-    """One line on the LoRA a generation applied (what `aceturbo generate` prints)."""
-    info = lora_info
+def lora_summary(info: dict[str, Any]) -> str:
+    """One line on the LoRA a generation applied (``apply_lora``'s record; `aceturbo generate` prints it)."""
     return (f"LoRA {info['path']}: weight {info['weight']:g} x trained scale {info['trained_scale']:g} "
             f"(r={info['r']}, alpha={info['alpha']:g}, rsLoRA={info['use_rslora']}; {info['scale_source']}) "
             f"= applied scale {info['effective_scale']:g}")
