@@ -2,10 +2,12 @@
 
 A checkpoint is a folder ``<run_dir>/checkpoints/epoch=E-step=S_lora/`` (the official name, spec §6.6):
 
-- ``pytorch_lora_weights.safetensors`` — the LoRA in the official layout (pipeline.lora.save_lora);
-  this is the file generation, ComfyUI and the official pipeline load.
-- ``training_state.pt`` — what resuming needs besides the weights: optimizer and scheduler state,
-  step, epoch, every RNG state and the batch source's position. Never base weights.
+- ``pytorch_lora_weights.safetensors`` — the LoRA in the official layout with the trained scale baked
+  into lora_B (pipeline.lora.save_lora): the file generation, ComfyUI and the official pipeline load,
+  right at strength 1.0 in each.
+- ``training_state.pt`` — what resuming needs: the unbaked LoRA weights as trained (``lora_weights``),
+  optimizer and scheduler state, step, epoch, every RNG state and the batch source's position. Never
+  base weights. Format 1 (before baking) had no ``lora_weights``: its LoRA file held them unbaked.
 
 Both are written into a hidden temp folder that is renamed into place, so a crash or Ctrl-C never
 leaves a half-written checkpoint where ``--resume latest`` would find it.
@@ -29,7 +31,8 @@ from pipeline.errors import CheckpointError, ConfigError
 CHECKPOINTS_DIR = "checkpoints"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 STATE_FILE = "training_state.pt"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: no lora_weights, the LoRA file is unbaked
 _NAME = re.compile(r"^epoch=(\d+)-step=(\d+)_lora$")
 
 
@@ -178,6 +181,9 @@ def save_checkpoint(
         "loader": loop.loader,
         "lora": _lora_signature(lora_settings),
         "config": config or {},
+        # Resume needs the exact trained factors; the LoRA file holds scale × B (maybe as float32).
+        "lora_weights": {k: p.detach().to("cpu", copy=True)
+                         for k, p in lora_parameters(transformer, adapter_name).items()},
     }
     old = None
     try:
@@ -207,23 +213,15 @@ def load_checkpoint(
 ) -> LoopState:
     """Put a checkpoint's LoRA weights (in place, so the optimizer keeps its parameters), optimizer
     and scheduler state back; return the loop position (the caller restores RNGs and the loader)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path / STATE_FILE} ({type(exc).__name__}: {exc}); "
-                              "resume from an earlier checkpoint.") from None
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path / STATE_FILE} has format {state.get('format')!r}, expected {STATE_FORMAT}.")
+    state = _read_state(path)
     want = _lora_signature(lora_settings)
     if state["lora"] != want:
         raise ConfigError(
             f"cannot resume from '{path}': it was trained with LoRA {state['lora']} but the settings now ask "
             f"for {want}; use the run's original rank/alpha/targets or start a new experiment."
         )
-    weights = load_file(str(path / LORA_FILE))
+    weights = _trained_weights(path, state)
     params = lora_parameters(transformer, adapter_name)
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
@@ -237,6 +235,32 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return LoopState(step=int(state["step"]), epoch=int(state["epoch"]), rng=state["rng"], loader=state["loader"])
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path / STATE_FILE} ({type(exc).__name__}: {exc}); "
+                              "resume from an earlier checkpoint.") from None
+    if state.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path / STATE_FILE} has format {state.get('format')!r}, expected one of "
+                              f"{READABLE_FORMATS}; resume it with the aceturbo version that wrote it.")
+    return state
+
+
+def _trained_weights(path: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if "lora_weights" in state:
+        return state["lora_weights"]
+    from safetensors.torch import load_file  # format 1: the LoRA file holds the trained weights unbaked
+
+    return load_file(str(path / LORA_FILE))
+
+
+def checkpoint_lora_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA weights exactly as trained (unbaked, official keys) of a checkpoint folder, any format."""
+    path = Path(path)
+    return _trained_weights(path, _read_state(path))
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:

@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("stages.cache_info:cli", "Inspect the feature cache (`aceturbo cache info`)."),
     "train": ("stages.train:cli", "Train a LoRA from the cache (or --live); checkpoints, metrics, loss.png."),
     "generate": ("stages.generate:cli", "Generate a song with the base model and an optional LoRA."),
-    "export-lora": ("stages.export_lora:cli", "Copy a LoRA in the official layout, optionally alpha-baked."),
+    "export-lora": ("stages.export_lora:cli", "Copy a LoRA for other tools: scale baked in (default) or official unbaked."),
+    "lora-info": ("stages.lora_info:cli", "Show a LoRA's rank, alpha, trained scale, dtype and the strength per loader."),
     "bench": ("stages.bench:cli", "Measure cached vs live training speed, memory and cache size."),
     "ui": ("stages.ui:cli", "Start the web UI (default http://127.0.0.1:7870)."),
 }

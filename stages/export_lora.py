@@ -1,4 +1,4 @@
-"""`aceturbo export-lora`: a LoRA as an official-layout folder (optionally with alpha baked in)."""
+"""`aceturbo export-lora`: a LoRA as an official-layout folder for other tools, scale baked in or not."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,31 +6,44 @@ from pathlib import Path
 import click
 
 from pipeline.errors import ConfigError
+from stages.lora_info import strength_lines
+
+FORMATS = {
+    "baked": "the trained scale in lora_B, metadata and .alpha tensors saying scale 1: strength 1.0 in every "
+             "loader (the checkpoints' own form)",
+    "official": "the trained A and B with alpha/rsLoRA in lora_adapter_metadata, as the official trainer writes "
+                "them: right at 1.0 only where the metadata is read (aceturbo, diffusers folder + weight_name)",
+}
 
 
 @click.command("export-lora")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write; it receives pytorch_lora_weights.safetensors.")
-@click.option("--bake-alpha", is_flag=True, default=False,
-              help="Fold the trained scale (alpha/sqrt(r) with rsLoRA, else alpha/r) into the weights, so "
-                   "loaders that ignore alpha (ComfyUI, diffusers without metadata) are right at strength 1.0.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="baked", show_default=True,
+              help="; ".join(f"{name}: {text}" for name, text in FORMATS.items()) + ".")
+@click.option("--bake-alpha", is_flag=True, default=False, hidden=True, help="Same as --format baked.")
 @click.option("--alpha", type=float, default=None,
               help="The trained alpha, for files without metadata (those are otherwise read as alpha = r).")
 @click.option("--rslora/--no-rslora", "use_rslora", default=None,
               help="Whether the file was trained with rsLoRA, for files without metadata.")
-def cli(src: Path, out: Path, bake_alpha: bool, alpha: float | None, use_rslora: bool | None):
-    """Copy the LoRA SRC (a checkpoint folder or its .safetensors file) to OUT in the official layout:
-    OUT/pytorch_lora_weights.safetensors with PEFT keys, no prefix, and lora_adapter_metadata."""
-    from pipeline.lora import bake_alpha as bake, baked_settings, read_lora_file, write_lora_file
+def cli(src: Path, out: Path, fmt: str, bake_alpha: bool, alpha: float | None, use_rslora: bool | None):
+    """Copy the LoRA SRC (a checkpoint folder, or any LoRA .safetensors: ours, official, kohya/ComfyUI
+    .alpha style) to OUT/pytorch_lora_weights.safetensors with official keys (no prefix)."""
+    from pipeline.lora import convert_weights, inspect_lora, read_lora_file, write_lora_file
 
     if (src if src.is_dir() else src.parent).resolve() == out.resolve():
         raise ConfigError(f"--out '{out}' is the source folder itself; choose another folder")
-    state_dict, settings = read_lora_file(src, alpha=alpha, use_rslora=use_rslora)
-    if bake_alpha:
-        path = write_lora_file(bake(state_dict, settings), out, baked_settings(settings), baked_from=settings)
-        click.echo(f"{path}: r={settings.r}, scale {settings.scale:g} baked in (use strength 1.0 anywhere)")
-    else:
-        path = write_lora_file(state_dict, out, settings)
-        click.echo(f"{path}: r={settings.r}, alpha={settings.alpha:g}, rsLoRA={settings.use_rslora}, "
-                   f"trained scale {settings.scale:g}")
+    fmt = "baked" if bake_alpha else fmt
+    weights, info = read_lora_file(src, alpha=alpha, use_rslora=use_rslora)
+    baked = fmt == "baked"
+    path = write_lora_file(convert_weights(weights, info, baked=baked), out, info.trained, baked=baked,
+                           trained_dtype=info.trained_dtype)
+    trained = info.trained
+    written = inspect_lora(path)
+    click.echo(f"wrote {path} ({fmt}, {str(written.dtype).removeprefix('torch.')}): r={trained.r}, "
+               f"alpha={trained.alpha:g}, rsLoRA={trained.use_rslora}, trained scale {trained.scale:g}")
+    click.echo("strength that gives the trained change:")
+    for line in strength_lines(written):
+        click.echo(line)
+

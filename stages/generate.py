@@ -97,4 +97,10 @@ def cli(checkpoint, params_path, lora, lora_weight, prompt, lyrics_file, duratio
         lyric_vocab=lyric_vocab,
         settings=settings,
     )
+    if lora is not None:
+        import json
+
+        from pipeline.sampling.generation import lora_summary
+
+        click.echo(lora_summary(json.loads(json_path(wav).read_text(encoding="utf-8"))["lora"]))
     click.echo(f"wrote {wav} (parameters: {json_path(wav)})")

@@ -40,9 +40,10 @@ def test_lora_file_is_world_readable_under_umask_022(tmp_path, umask):
     from pipeline.lora import LoraSettings, write_lora_file
 
     umask(0o022)
-    path = write_lora_file({"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)},
-                           tmp_path / "lora", LoraSettings(r=2, alpha=2.0, target_modules=["a"]))
-    assert mode_of(path) == 0o644
+    for baked in (True, False):  # checkpoints / exports are baked; `export-lora --format official` is not
+        path = write_lora_file({"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)},
+                               tmp_path / f"lora{baked}", LoraSettings(r=2, alpha=2.0, target_modules=["a"]), baked=baked)
+        assert mode_of(path) == 0o644
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

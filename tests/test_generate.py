@@ -290,8 +290,10 @@ def test_lora_is_applied_at_its_trained_scale(tiny_checkpoint, tmp_path, rslora)
     info = gen.apply_lora(model, lora_dir, 0.5)
     expected = 32.0 / math.sqrt(4) if rslora else 32.0 / 4
     assert math.isclose(info["trained_scale"], expected) and math.isclose(info["effective_scale"], 0.5 * expected)
+    assert info["baked"] and "baked" in info["scale_source"]
+    # the file's lora_B carries the trained scale: the layers apply weight × 1 to it
     scalings = {m.scaling["ace_step_lora"] for m in model.modules() if hasattr(m, "scaling") and "ace_step_lora" in m.scaling}
-    assert scalings and all(math.isclose(s, 0.5 * expected) for s in scalings)
+    assert scalings == {0.5}
 
 
 def test_cli_generate_with_lora_end_to_end(tiny_checkpoint, tmp_path):
@@ -307,6 +309,8 @@ def test_cli_generate_with_lora_end_to_end(tiny_checkpoint, tmp_path):
     assert with_lora.exit_code == 0, with_lora.output
     meta = json.loads((tmp_path / "l.json").read_text())
     assert meta["lora_weight"] == 1.5 and math.isclose(meta["lora_effective_scale"], 1.5 * 32 / 2)
+    assert "weight 1.5 x trained scale 16 (r=4, alpha=32, rsLoRA=True; the trained scale is baked into lora_B) " \
+           "= applied scale 24" in with_lora.output
     assert meta["lora_path"] == str(lora_dir.resolve())
     plain = runner.invoke(group, args + ["--out", str(tmp_path / "p.wav")])
     assert plain.exit_code == 0, plain.output

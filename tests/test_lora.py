@@ -1,4 +1,5 @@
-"""LoRA settings, official file layout, round trips, alpha baking, the scale trap, export-lora."""
+"""LoRA settings, official file layout, round trips, alpha baking, the scale trap, export-lora.
+(Each client's rule on baked checkpoints, resume, bad input: tests/test_lora_clients.py.)"""
 from __future__ import annotations
 
 import json
@@ -70,8 +71,8 @@ def trained(tiny, tmp_path_factory):
         for p in lora_parameters(model):
             p.copy_(0.02 * torch.randn(p.shape, generator=g))
     root = tmp_path_factory.mktemp("lora")
-    plain = save_lora(model, root / "epoch=0-step=5_lora", settings)
-    baked = save_lora(model, root / "baked", settings, bake_alpha=True)
+    plain = save_lora(model, root / "epoch=0-step=5_lora", settings, baked=False)  # the official trainer's form
+    baked = save_lora(model, root / "baked", settings)
     return model, settings, plain, baked
 
 
@@ -130,7 +131,9 @@ def test_file_metadata(trained):
     config = json.loads(meta["lora_adapter_metadata"])
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 4.0, False)
     ours = json.loads(meta["aceturbo_lora"])
-    assert ours["baked"] is True and ours["scale"] == pytest.approx(16.0)
+    assert ours["baked"] is True and ours["scale"] == pytest.approx(16.0) and ours["dtype"] == "float32"
+    alphas = {k: v for k, v in load_file(baked).items() if k.endswith(".alpha")}
+    assert len(alphas) == len(lora_state_dict(trained[0])) // 2 and all(v.item() == 4.0 for v in alphas.values())
 
 
 def test_round_trip_folder_file_and_baked(trained, tiny):
@@ -144,7 +147,7 @@ def test_round_trip_folder_file_and_baked(trained, tiny):
         loaded = load_lora(fresh, path)
         assert max_rel(_run(fresh, inputs), expected) <= 1e-5, path
         assert all(not p.requires_grad for n, p in fresh.named_parameters() if "lora_" in n)
-    assert loaded.scale == pytest.approx(1.0)  # the baked one
+    assert loaded.scale == pytest.approx(16.0)  # the trained settings, for the baked file too
     # weight 0 = no adapter; weight 2 doubles the scale
     load_lora(fresh, plain, weight=0.0)
     assert max_rel(_run(fresh, inputs), base) <= 1e-6
@@ -152,13 +155,18 @@ def test_round_trip_folder_file_and_baked(trained, tiny):
     assert max_rel(_run(fresh, inputs), expected) > 1e-3
 
 
-def test_bake_alpha_multiplies_by_sqrt_scale(trained):
+def test_bake_alpha_puts_the_whole_scale_into_lora_b(trained):
     _, settings, plain, _ = trained
     sd = load_file(plain)
-    baked = bake_alpha(sd, settings)
+    baked = bake_alpha(sd, settings.scale)
     key = "transformer_blocks.0.attn.to_q"
-    product = baked[f"{key}.lora_B.weight"] @ baked[f"{key}.lora_A.weight"]
-    torch.testing.assert_close(product, settings.scale * (sd[f"{key}.lora_B.weight"] @ sd[f"{key}.lora_A.weight"]))
+    assert torch.equal(baked[f"{key}.lora_A.weight"], sd[f"{key}.lora_A.weight"])
+    assert torch.equal(baked[f"{key}.lora_B.weight"], 16.0 * sd[f"{key}.lora_B.weight"])  # power of two: exact
+    half = {k: v.bfloat16() for k, v in sd.items()}
+    assert {t.dtype for t in bake_alpha(half, 4.0).values()} == {torch.bfloat16}
+    odd = bake_alpha(half, 5 / 3)  # not a power of two: float32, one rounding of the product
+    assert {t.dtype for t in odd.values()} == {torch.float32}
+    torch.testing.assert_close(odd[f"{key}.lora_B.weight"], half[f"{key}.lora_B.weight"].double().mul(5 / 3).float())
 
 
 def test_diffusers_loader_reads_our_files(trained, tiny):
@@ -179,11 +187,14 @@ def test_file_without_metadata(trained, tmp_path):
     _, _, plain, _ = trained
     bare = tmp_path / LORA_WEIGHTS_NAME
     save_file(load_file(plain), str(bare), metadata={"format": "pt"})  # as diffusers 0.33 writes it
-    sd, settings = read_lora_file(tmp_path)
+    sd, info = read_lora_file(tmp_path)
+    settings = info.trained
     assert (settings.r, settings.alpha, settings.use_rslora, settings.scale) == (4, 4.0, False, 1.0)
     assert set(settings.target_modules) == set(DEFAULT_TARGETS)
+    assert set(info.scales.values()) == {1.0} and not info.baked
     _, told = read_lora_file(bare, alpha=32, use_rslora=True)
-    assert told.scale == pytest.approx(16.0)
+    assert told.trained.scale == pytest.approx(16.0)
+    assert list(told.scales.values()) == pytest.approx([16.0] * len(told.scales))
 
 
 def test_errors(tiny, tmp_path, trained):
@@ -211,8 +222,10 @@ def test_golden_lora_scale_trap():
         pytest.skip(f"reference data {GOLDEN} is absent (../shared is only beside a developer checkout)")
     folder = next((GOLDEN / "lora").glob("*_lora"))
     for path in (folder, folder / LORA_WEIGHTS_NAME):
-        _, settings = read_lora_file(path)
-        assert settings.scale == pytest.approx(16.0)
+        _, info = read_lora_file(path)
+        assert info.trained.scale == pytest.approx(16.0)
+        assert list(info.scales.values()) == pytest.approx([16.0] * len(info.scales))
+        assert (info.strength("ace-step"), info.strength("comfyui"), info.strength("diffusers")) == (16.0, 16.0, 1.0)
 
 
 def test_export_lora_cli(tmp_path):
@@ -221,8 +234,11 @@ def test_export_lora_cli(tmp_path):
     from stages.cli import main
 
     src = next((GOLDEN / "lora").glob("*_lora"))
-    main(["export-lora", str(src / LORA_WEIGHTS_NAME), "--out", str(tmp_path / "plain")])
-    main(["export-lora", str(src), "--out", str(tmp_path / "baked"), "--bake-alpha"])
+    main(["export-lora", str(src / LORA_WEIGHTS_NAME), "--out", str(tmp_path / "plain"), "--format", "official"])
+    main(["export-lora", str(src), "--out", str(tmp_path / "baked")])
+    main(["export-lora", str(src), "--out", str(tmp_path / "flag"), "--bake-alpha"])  # the old flag still works
+    flag, baked = (load_file(tmp_path / name / LORA_WEIGHTS_NAME) for name in ("flag", "baked"))
+    assert all(torch.equal(flag[k], baked[k]) for k in baked) and flag.keys() == baked.keys()
     inputs = load_file(GOLDEN / "transformer_inputs.safetensors")
     inputs = {k: v for k, v in inputs.items() if not k.startswith("ssl_")}
     expected = load_file(GOLDEN / "transformer_outputs_with_lora.safetensors")["sample"]
@@ -230,7 +246,10 @@ def test_export_lora_cli(tmp_path):
     for name in ("plain", "baked"):
         load_lora(model, tmp_path / name)
         assert max_rel(_run(model, inputs), expected) <= 1e-5, name
-    assert read_lora_file(tmp_path / "baked")[1].scale == pytest.approx(1.0)
+    baked = read_lora_file(tmp_path / "baked")[1]
+    assert baked.baked and set(baked.scales.values()) == {1.0} and baked.trained.scale == pytest.approx(16.0)
+    key = "transformer_blocks.0.attn.to_q.lora_B.weight"  # the official export of an unbaked file: as it was
+    assert torch.equal(load_file(tmp_path / "plain" / LORA_WEIGHTS_NAME)[key], load_file(src / LORA_WEIGHTS_NAME)[key])
     with pytest.raises(SystemExit) as exc:
         main(["export-lora", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert exc.value.code == 1

@@ -159,15 +159,17 @@ def test_outputs_layout(tiny_transformer_dir, tmp_path):
     assert summary["checkpoint"] == str(run / "checkpoints" / names[-1])
     for name in names:
         assert sorted(p.name for p in (run / "checkpoints" / name).iterdir()) == sorted([LORA_FILE, STATE_FILE])
-    weights = lora_weights(run / "checkpoints" / names[-1])
+    saved = lora_weights(run / "checkpoints" / names[-1])
+    weights = {k: v for k, v in saved.items() if not k.endswith(".alpha")}  # .alpha = r: scale baked in
     assert weights and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in weights)
+    assert len(saved) - len(weights) == len(weights) // 2
     assert not any(".default." in k for k in weights)  # official layout: no adapter name, no prefix
     assert "transformer_blocks.0.attn.to_q.lora_A.weight" in weights
     assert weights["transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 4
     state = torch.load(run / "checkpoints" / names[-1] / STATE_FILE, weights_only=True)
     assert state["step"] == 7 and state["epoch"] == 1 and state["loader"] == [{"epoch": 1, "batches_consumed": 3}]
-    # optimizer state covers the LoRA weights only (never the base weights)
-    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(weights)
+    # optimizer state covers the LoRA weights only (never the base weights); the unbaked weights for resume
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(weights) == len(state["lora_weights"])
     assert set(state["rng"][0]) >= {"generator", "torch", "python", "numpy"}
 
     records = read_metrics(run / "metrics.jsonl")
@@ -232,7 +234,7 @@ def test_bf16_true_runs_on_cpu(tiny_transformer_dir, tmp_path):
     model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
     summary = train(config, model, SyntheticSource(), tmp_path / "bf16")
     weights = lora_weights(tmp_path / "bf16" / "checkpoints" / "epoch=0-step=3_lora")
-    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}  # scale 16 is baked exactly in bf16
     assert summary["last_loss"] is not None and summary["last_loss"] == summary["last_loss"]
 
 

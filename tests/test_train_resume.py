@@ -7,7 +7,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.metrics import read_metrics
 from pipeline.train import load_transformer_for_training, train
-from pipeline.train_state import list_checkpoints
+from pipeline.train_state import STATE_FILE, checkpoint_lora_weights, list_checkpoints
 from test_train import SyntheticSource, lora_weights, one_thread, tiny_config, tiny_transformer_dir  # noqa: F401 (fixtures)
 
 N = 8
@@ -26,7 +26,20 @@ def _config():
     return tiny_config(max_steps=N, save_every=0, warmup_steps=3, keep_last=0)
 
 
-def test_resume_is_bit_exact(tiny_transformer_dir, tmp_path):
+def _to_old_format(ckpt):
+    """Rewrite a checkpoint the way aceturbo wrote it before LoRA files were baked: the LoRA file
+    unbaked (official trainer's form), training_state.pt format 1 without lora_weights."""
+    from pipeline.lora import inspect_lora, write_lora_file
+
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    trained = state.pop("lora_weights")
+    state["format"] = 1
+    torch.save(state, ckpt / STATE_FILE)
+    write_lora_file(trained, ckpt, inspect_lora(ckpt).trained, baked=False)
+
+
+@pytest.mark.parametrize("old_format", [False, True], ids=["new", "old-format-checkpoint"])
+def test_resume_is_bit_exact(tiny_transformer_dir, tmp_path, old_format):
     config = _config()
     whole = train(config, load_transformer_for_training(tiny_transformer_dir, config, "cpu"),
                   SyntheticSource(n=3), tmp_path / "whole")
@@ -35,6 +48,8 @@ def test_resume_is_bit_exact(tiny_transformer_dir, tmp_path):
     half = train(config, load_transformer_for_training(tiny_transformer_dir, config, "cpu"),
                  SyntheticSource(n=3, on_batch=_interrupt_at(N // 2)), tmp_path / "split")
     assert half["step"] == N // 2 and half["stopped"].startswith("interrupted")
+    if old_format:
+        _to_old_format(list_checkpoints(tmp_path / "split")[-1])
     # a fresh process would build everything again: new model (same seed), new source
     resumed = train(config, load_transformer_for_training(tiny_transformer_dir, config, "cpu"),
                     SyntheticSource(n=3), tmp_path / "split", resume="latest")
@@ -44,6 +59,9 @@ def test_resume_is_bit_exact(tiny_transformer_dir, tmp_path):
     b = lora_weights(tmp_path / "split" / "checkpoints" / f"epoch={resumed['epoch']}-step={N}_lora")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed LoRA differs from the uninterrupted run"
+    a, b = (checkpoint_lora_weights(tmp_path / run / "checkpoints" / f"epoch={r['epoch']}-step={N}_lora")
+            for run, r in (("whole", whole), ("split", resumed)))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the unbaked weights kept for resume differ"
     la = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
     assert la == lb  # one record per step, none duplicated by the resume

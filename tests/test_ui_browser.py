@@ -260,7 +260,7 @@ def test_upload_convert_train_stop_checkpoint(server, browser, tmp_path):
     table = _wait("checkpoints listed", lambda: (lambda t: saved[-1].name in t and t)(_text(d, "ckpt-table")), 30, server)
     # every checkpoint still on disk is listed (keep_last may have pruned the earliest ones)
     assert all(p.name in table for p in saved)
-    # Download the alpha-baked LoRA (aceturbo export-lora --bake-alpha, zipped).
+    # Download the alpha-baked LoRA (aceturbo export-lora --format baked, zipped).
     d.find_element(By.ID, "dl-kind").find_element(By.XPATH, ".//label[contains(., 'alpha baked')]").click()
     _click(d, "prepare-download")
     _wait("the LoRA zip", lambda: "_baked.zip" in _text(d, "dl-msg"), 60, server)

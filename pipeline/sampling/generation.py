@@ -205,24 +205,32 @@ def require_lora_path(lora: str | Path) -> Path:
 
 
 def apply_lora(transformer, lora: str | Path, weight: float) -> dict[str, Any]:
-    """Load a LoRA (a ``pytorch_lora_weights.safetensors`` file or its folder, official or ours)
-    with its trained scale, and return what to record about it."""
-    from pipeline.lora import load_lora
+    """Load a LoRA (a ``pytorch_lora_weights.safetensors`` file or its folder, any kind:
+    pipeline.lora.inspect_lora) at ``weight`` × its trained change, and return what to record about it."""
+    from pipeline.lora import inspect_lora, load_lora
 
     path = require_lora_path(lora)
-    result = load_lora(transformer, path, weight=weight)
-    settings = result if hasattr(result, "scale") else getattr(result, "settings", None)
-    info: dict[str, Any] = {"path": str(path.resolve()), "weight": float(weight)}
-    if settings is not None:
-        trained = float(settings.scale)
-        info.update(
-            trained_scale=trained,
-            effective_scale=float(weight) * trained,
-            r=getattr(settings, "r", None),
-            alpha=getattr(settings, "alpha", None),
-            use_rslora=getattr(settings, "use_rslora", None),
-        )
-    return info
+    trained = load_lora(transformer, path, weight=weight)
+    info = inspect_lora(path)  # header only: how the file carries its scale
+    return {
+        "path": str(path.resolve()),
+        "weight": float(weight),
+        "trained_scale": float(trained.scale),
+        # the strength on the trained factors (B·A): weight × trained scale, baked into the file or not
+        "effective_scale": float(weight) * float(trained.scale),
+        "r": trained.r,
+        "alpha": trained.alpha,
+        "use_rslora": trained.use_rslora,
+        "baked": info.baked,
+        "scale_source": info.source,
+    }
+
+
+def lora_summary(info: dict[str, Any]) -> str:
+    """One line on the LoRA a generation applied (``apply_lora``'s record; `aceturbo generate` prints it)."""
+    return (f"LoRA {info['path']}: weight {info['weight']:g} x trained scale {info['trained_scale']:g} "
+            f"(r={info['r']}, alpha={info['alpha']:g}, rsLoRA={info['use_rslora']}; {info['scale_source']}) "
+            f"= applied scale {info['effective_scale']:g}")
 
 
 # ----------------------------------------------------------------------------- metadata

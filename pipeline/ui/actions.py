@@ -810,23 +810,28 @@ def generate_sample(proj: ProjectConfig, run: str, checkpoint: str, prompt: str,
     return out, log
 
 
-DOWNLOAD_KINDS = ("safetensors file", "zip (official folder)", "zip (alpha baked in)")
+DOWNLOAD_KINDS = ("safetensors file (strength 1.0 everywhere)",
+                  "zip (official folder, unbaked: trained alpha in metadata)", "zip (alpha baked in)")
+# → `aceturbo export-lora --format` (None: the checkpoint's own file, already baked)
+_EXPORT_FORMATS = dict(zip(DOWNLOAD_KINDS, (None, "official", "baked")))
 
 
 def lora_download(proj: ProjectConfig, run: str, checkpoint: str, kind: str) -> Path:
-    """The file to download: the checkpoint's safetensors, or a zip of `aceturbo export-lora`'s
-    official folder (optionally --bake-alpha)."""
+    """The file to download: the checkpoint's safetensors (scale baked in), or a zip of
+    `aceturbo export-lora`'s folder in the chosen format."""
     from pipeline.train_state import LORA_FILE
 
     src = checkpoint_path(proj, run, checkpoint)
-    if kind == DOWNLOAD_KINDS[0]:
+    if kind not in _EXPORT_FORMATS:
+        raise UIError(f"unknown download kind {kind!r}; pick one of: {', '.join(DOWNLOAD_KINDS)}")
+    fmt = _EXPORT_FORMATS[kind]
+    if fmt is None:
         return src / LORA_FILE
-    baked = kind == DOWNLOAD_KINDS[2]
-    name = f"{run}_{checkpoint.replace('=', '')}" + ("_baked" if baked else "")
+    name = f"{run}_{checkpoint.replace('=', '')}_{fmt}"
     out = ui_dir(proj) / "exports" / name
     if out.exists():
         shutil.rmtree(out)
-    argv = aceturbo("export-lora", str(src), "--out", str(out), *(["--bake-alpha"] if baked else []))
+    argv = aceturbo("export-lora", str(src), "--out", str(out), "--format", fmt)
     code, text = run_command(argv)
     if code != 0:
         raise UIError(f"export-lora failed (exit {code}): {text.strip()[-1000:]}")
