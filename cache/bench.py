@@ -85,6 +85,25 @@ def measure_cache(folder, storage_options: dict | None = None) -> dict:
             "bytes_total": sum(sizes.values()), "mb_per_minute": per_minute}
 
 
+def verify_seconds(folder, storage_options: dict | None = None) -> dict[str, float]:
+    """Seconds an encode step spends checking the shards it keeps, over all streams: "layout" (the
+    default: metadata and offsets only) and "checksums" (``aceturbo encode --verify``: every song
+    read, decompressed and hashed)."""
+    from cache.shards import plan_update
+
+    location = CacheLocation(folder, storage_options)
+    result = {}
+    for name, checksums in (("layout", False), ("checksums", True)):
+        start = time.perf_counter()
+        for stream in STREAMS:
+            index = CacheIndex.open(location, streams=(stream,))  # fresh: nothing cached in memory
+            wanted = index.content_hashes(stream)
+            fingerprint = index.shards[stream][0].fingerprint
+            plan_update(index, stream, wanted, fingerprint, verify=checksums)
+        result[name] = time.perf_counter() - start
+    return result
+
+
 def loader_throughput(folder, settings: LoaderSettings | None = None, seconds: float = 5.0) -> float:
     """Samples per second the loader delivers, after its first batch (worker start-up excluded)."""
     settings = settings or LoaderSettings()
@@ -112,6 +131,7 @@ def main(argv: list[str]) -> None:
         write_synthetic_cache(folder, n_songs=4, kind=kind)
         report[kind] = measure_cache(folder)
         report[kind]["write_seconds"] = time.perf_counter() - start
+        report[kind]["check_seconds"] = verify_seconds(folder)
         for workers in (0, 2):
             # "store": every sample read, decompressed and verified from the shards (first epoch, or
             # a dataset larger than the memory cache); "memory": later epochs of a small dataset.

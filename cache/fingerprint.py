@@ -6,7 +6,15 @@ trainer passes the fingerprints it expects to `check_cache`, so a cache made by 
 settings is refused instead of silently training on mismatched features.
 
 Hashing a multi-GB checkpoint takes seconds, so file digests are remembered in a small JSON file
-(keyed by absolute path, size and mtime) that the caller keeps beside the cache.
+that the caller keeps beside the cache, keyed by absolute path and trusted only while the file's
+(device, inode, size, mtime_ns, ctime_ns) are unchanged. The ctime is the part no user tool can set:
+any write, ``touch -d``, ``cp -p`` over it or replacement (new inode) changes it, so an edit that
+keeps size and mtime is still seen. What could fool it: a filesystem that does not keep ctime or
+inode numbers, or a change made with the clock set back to the old ctime to the nanosecond.
+
+The `fingerprints` DVC stage (`aceturbo cache fingerprints`) writes each stream's fingerprint to
+<cache>/fingerprints/<stream>.txt on every `dvc repro`, and each encode stage depends on its file:
+that is how DVC sees encoder weights edited in place.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import CacheError, CheckpointError
-from pipeline.fileio import write_json_atomic
+from pipeline.fileio import disk_full_guard, write_json_atomic
 
 HASH_CACHE_NAME = ".file_hashes.json"
 _READ_BYTES = 4 << 20  # stream files in 4 MiB pieces: constant memory for any checkpoint size
@@ -72,7 +80,8 @@ def _load_memo(path: Path | None) -> dict:
 
 
 def _save_memo(path: Path, memo: dict) -> None:
-    write_json_atomic(path, memo, indent=1, sort_keys=True)
+    with disk_full_guard(path, kept="the feature cache is intact"):
+        write_json_atomic(path, memo, indent=1, sort_keys=True)
 
 
 def fingerprint(weights_path_or_files, settings: dict, code_version: str,
@@ -81,7 +90,8 @@ def fingerprint(weights_path_or_files, settings: dict, code_version: str,
 
     ``weights_path_or_files``: a file, a folder (every file under it) or a list of those; None or
     [] for an encoder without weights (the lyric tokenizer hashes its vocab file instead).
-    ``hash_cache``: JSON file remembering file digests by (path, size, mtime); None disables it.
+    ``hash_cache``: JSON file remembering file digests by path and (dev, inode, size, mtime_ns,
+    ctime_ns); None disables it.
     """
     files = _weight_files(weights_path_or_files) if weights_path_or_files else []
     memo_path = Path(hash_cache) if hash_cache is not None else None
@@ -92,11 +102,13 @@ def fingerprint(weights_path_or_files, settings: dict, code_version: str,
         stat = path.stat()
         entry_key = str(path.resolve())
         entry = memo.get(entry_key)
-        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        identity = {"dev": stat.st_dev, "ino": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                    "ctime_ns": stat.st_ctime_ns}
+        if entry and all(entry.get(k) == v for k, v in identity.items()):
             digest = entry["sha256"]
         else:
             digest = file_sha256(path)
-            memo[entry_key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+            memo[entry_key] = {**identity, "sha256": digest}
             changed = True
         digests.append([name, digest])
     if changed and memo_path is not None:

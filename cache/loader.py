@@ -34,7 +34,7 @@ from cache.collate import collate, make_sample, sample_rng
 from cache.fingerprint import check_cache
 from cache.shards import CacheIndex
 from cache.schema import STREAM_NAMES, SongFeatures
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import AceTurboError, CacheError, ConfigError
 
 _REQUIRED_STREAMS = ("latents", "text")  # the batch layout cannot be built without them
 
@@ -159,6 +159,15 @@ class _Plan:
         batch["_epoch"], batch["_index"] = epoch, index
         return batch
 
+    def load_batch_or_error(self, planned: tuple[int, int, list[str]]) -> dict:
+        """load_batch, with a user error handed back as ``{"_error": exc}`` instead of raised: torch
+        re-raises a worker's exception as a new one whose message is the worker's whole traceback,
+        so CacheLoader raises the original one-line error itself."""
+        try:
+            return self.load_batch(planned)
+        except AceTurboError as exc:
+            return {"_error": exc}
+
 
 class CacheDataset(torch.utils.data.IterableDataset):
     """Batches from (start_epoch, skip) on; each DataLoader worker loads every num_workers-th batch.
@@ -177,7 +186,7 @@ class CacheDataset(torch.utils.data.IterableDataset):
         return iter(wds.DataPipeline(
             functools.partial(self.plan.global_batches, self.start_epoch, self.skip),
             wds.split_by_worker,
-            wds.map(self.plan.load_batch),
+            wds.map(self.plan.load_batch_or_error),
         ))
 
 
@@ -266,6 +275,8 @@ class CacheLoader:
                 source, batch_size=None, num_workers=s.num_workers, prefetch_factor=s.prefetch_factor,
                 pin_memory=s.pin_memory, persistent_workers=False)
         for batch in source:
+            if "_error" in batch:
+                raise batch["_error"]
             # Count a batch as consumed once it is handed over: a checkpoint taken after the step
             # that used it resumes with the next one.
             self.epoch, self.batches_consumed = batch.pop("_epoch"), batch.pop("_index") + 1

@@ -4,12 +4,15 @@ One small Zarr v3 array per song, named by the sha256 of the source file, so a r
 decoded again and an edited one gets a new entry. float32 is kept exactly (zstd-compressed), so the
 encoders see bit for bit what `pipeline.audio.load_audio` returns — the live source decodes the
 same way, which keeps cached == live.
+
+Each store is written under a ``.tmp-<name>-<pid>@<host>-*`` name, flushed (every file and folder)
+and renamed into place, so a kill or power cut leaves the old state or the new store, never half a
+store; temp stores are deleted once their writer is gone (cache/lock.py: writer_gone).
 """
 from __future__ import annotations
 
-import os
+import errno
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,9 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
+from cache.lock import temp_name, writer_gone
 from pipeline.errors import CacheError
+from pipeline.fileio import disk_full_guard, publish_dir, remove_dir_atomic
 
 CHUNK = 48000 * 30  # 30 s of samples per inner chunk
 SUFFIX = ".zarr"
@@ -32,22 +37,29 @@ def has_pcm(folder: str | Path, audio_sha256: str) -> bool:
 
 
 def write_pcm(folder: str | Path, audio_sha256: str, wav: torch.Tensor, sample_rate: int, attrs: dict | None = None) -> Path:
-    """Write ``wav`` [2, N] float32 atomically (temp store + rename)."""
+    """Write ``wav`` [2, N] float32 atomically and durably (temp store, fsync, rename)."""
     final = pcm_path(folder, audio_sha256)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.stem}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+    tmp = final.parent / temp_name(f".tmp-{final.stem}", SUFFIX)
     data = wav.detach().cpu().float().numpy()
     chunk = min(CHUNK, max(1, data.shape[1]))
     n_chunks = -(-data.shape[1] // chunk)
+    kept = f"the decoded audio already in {final.parent} is intact"
     try:
-        array = zarr.create_array(store=str(tmp), shape=data.shape, dtype="float32",
-                                  chunks=(2, chunk), shards=(2, chunk * n_chunks),
-                                  compressors=[ZstdCodec(level=3)], zarr_format=3)
-        array[...] = data
-        array.attrs.update({"sample_rate": sample_rate, "source_sha256": audio_sha256, **(attrs or {})})
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        with disk_full_guard(tmp, data.nbytes, kept=kept):
+            array = zarr.create_array(store=str(tmp), shape=data.shape, dtype="float32",
+                                      chunks=(2, chunk), shards=(2, chunk * n_chunks),
+                                      compressors=[ZstdCodec(level=3)], zarr_format=3)
+            array[...] = data
+            array.attrs.update({"sample_rate": sample_rate, "source_sha256": audio_sha256, **(attrs or {})})
+            if not has_pcm(folder, audio_sha256):
+                remove_dir_atomic(final)  # a store without its zarr.json is replaced
+            try:
+                publish_dir(tmp, final)
+            except OSError as exc:
+                # Another decode published the same audio meanwhile (the name is its content hash).
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not has_pcm(folder, audio_sha256):
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -65,7 +77,8 @@ def read_pcm(folder: str | Path, audio_sha256: str) -> torch.Tensor:
 
 
 def prune_pcm(folder: str | Path, keep_sha256: set[str]) -> list[Path]:
-    """Remove decoded audio of songs no longer in the dataset, and temp stores of killed runs."""
+    """Remove decoded audio of songs no longer in the dataset, and temp stores whose writer is gone
+    (never one another live decode is writing)."""
     folder = Path(folder)
     keep = {pcm_path(folder, s).name for s in keep_sha256}
     removed = []
@@ -73,6 +86,14 @@ def prune_pcm(folder: str | Path, keep_sha256: set[str]) -> list[Path]:
         if entry.name not in keep:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
-    for entry in folder.glob(".tmp-*") if folder.exists() else []:
-        shutil.rmtree(entry, ignore_errors=True)
+    for entry in folder.glob(".t*-*") if folder.exists() else []:
+        if entry.name.startswith(".trash-") or (entry.name.startswith(".tmp-") and writer_gone(entry.name, _mtime(entry))):
+            shutil.rmtree(entry, ignore_errors=True)
     return removed
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None  # removed meanwhile

@@ -173,17 +173,23 @@ def from_rows(spec: FieldSpec, rows: np.ndarray, shape: tuple[int, ...], float_s
             tensor = torch.from_numpy(rows)
     else:
         tensor = torch.from_numpy(rows.astype(np.int64))
-    moved = list(shape)
-    if spec.time_axis not in (None, 0):
-        moved.insert(0, moved.pop(spec.time_axis))
-    tensor = tensor.reshape(moved)
+    tensor = tensor.reshape(_moved(spec, shape))
     if spec.time_axis not in (None, 0):
         tensor = tensor.movedim(0, spec.time_axis).contiguous()
     return tensor
 
 
-def n_rows(spec: FieldSpec, shape: tuple[int, ...]) -> int:
+def _moved(spec: FieldSpec, shape: tuple[int, ...]) -> list[int]:
     moved = list(shape)
     if spec.time_axis not in (None, 0):
         moved.insert(0, moved.pop(spec.time_axis))
-    return int(np.prod(moved[: spec.ragged_dims], dtype=np.int64))
+    return moved
+
+
+def n_rows(spec: FieldSpec, shape: tuple[int, ...]) -> int:
+    return int(np.prod(_moved(spec, shape)[: spec.ragged_dims], dtype=np.int64))
+
+
+def row_tail(spec: FieldSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one storage row of a field of this (original) shape."""
+    return tuple(_moved(spec, shape)[spec.ragged_dims:])

@@ -6,6 +6,9 @@ what to download and where to put it.
 """
 from __future__ import annotations
 
+import json
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +45,52 @@ def require_model_dir(path: str | Path, files: tuple[str, ...], what: str, hint_
             f"{what} at '{path}' is incomplete: missing {', '.join(missing)}. "
             f"Re-download {hint} into that folder."
         )
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        problem = weight_file_problem(weights)
+        if problem:
+            raise CheckpointError(f"{what}: weight file '{weights}' is {problem}. Re-download {hint} into "
+                                  f"'{path}' (a download or copy was probably cut short).")
     return path
+
+
+def weight_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a weight file, from its header and size alone (no tensor is read); None
+    when it looks whole. Loaders meet a truncated file as SafetensorError / OSError chains deep in
+    transformers or diffusers; this check turns it into one line naming the file.
+
+    safetensors: an 8-byte header length, the JSON header, then data up to the largest end offset,
+    which must be the file's end. PyTorch ``.bin``: a zip archive whose directory (at the end of
+    the file) must be readable; the older pickle-only format is not checked.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"truncated ({size} bytes)"
+            (header_len,) = struct.unpack("<Q", head)
+            if 8 + header_len > size:
+                return f"truncated ({size} bytes; its header alone claims {8 + header_len})"
+            try:
+                header = json.loads(handle.read(header_len))
+            except ValueError:
+                return "corrupt (unreadable header)"
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        expected = 8 + header_len + max(ends, default=0)
+        if size != expected:
+            return f"{'truncated' if size < expected else 'corrupt'} ({size} bytes, its header says {expected})"
+        return None
+    if path.suffix == ".bin":
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":
+                return None  # legacy pickle format: nothing cheap to check
+        try:
+            with zipfile.ZipFile(path):
+                return None
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"truncated or corrupt ({size} bytes: {exc})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,8 +133,6 @@ class CheckpointPaths:
 
 def lyric_embedding_rows(transformer_dir: str | Path) -> int | None:
     """Rows of the transformer's lyric embedding, from its config.json (None when unreadable)."""
-    import json
-
     try:
         config = json.loads((Path(transformer_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

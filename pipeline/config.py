@@ -49,6 +49,11 @@ class PathsConfig:
     def pcm(self) -> Path:
         return Path(self.cache) / "pcm"
 
+    def fingerprint_file(self, stream: str) -> Path:
+        """Where the `fingerprints` DVC stage writes a stream's encoder fingerprint (an encode
+        stage's dependency: weights edited in place change it, so `dvc repro` re-encodes)."""
+        return Path(self.cache) / "fingerprints" / f"{stream}.txt"
+
     @property
     def features(self) -> str:
         """The feature cache: a local folder or an fsspec URL (kept a string: Path would mangle s3://)."""

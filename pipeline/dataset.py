@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.audio import AUDIO_EXTENSIONS, read_audio
 from pipeline.config import IngestConfig
 from pipeline.errors import AceTurboError, DatasetError
-from pipeline.fileio import write_text_atomic  # noqa: F401  (re-exported: the UI and demo use it)
+from pipeline.fileio import disk_full_guard, write_text_atomic  # write_text_atomic: re-exported for the UI and demo
 
 PROMPT_SUFFIX = "_prompt.txt"
 LYRICS_SUFFIX = "_lyrics.txt"
@@ -348,8 +348,14 @@ def write_manifest(path: str | Path, songs: Iterable[Song]) -> bool:
     text = manifest_text(songs)
     if path.is_file() and path.read_bytes() == text.encode("utf-8"):
         return False
-    write_text_atomic(path, text)
+    _write_list(path, text)
     return True
+
+
+def _write_list(path: Path, text: str) -> None:
+    """Atomic and durable (fsync, rename, folder fsync); a full disk is one line keeping the old file."""
+    with disk_full_guard(path, len(text.encode("utf-8")), kept=f"the previous {path.name} is intact"):
+        write_text_atomic(path, text)
 
 
 def text_content_hash(song: Song) -> str:
@@ -374,7 +380,7 @@ def write_stage_views(songs: Iterable[Song], audio_list: str | Path, text_list: 
         body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
         path = Path(path)
         if not (path.is_file() and path.read_text(encoding="utf-8") == body):
-            write_text_atomic(path, body)
+            _write_list(path, body)
 
 
 def read_manifest(path: str | Path) -> list[Song]:

@@ -69,3 +69,20 @@ def info(cache_dir: str, params_file: str, as_json: bool):
 
     summary = cache_summary(cache_dir or load_params(params_file).paths.features)
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+@cli.command("fingerprints")
+@click.option("--params", "params_file", default="params.yaml", show_default=True, help="Settings file.")
+def fingerprints(params_file: str):
+    """Write each stream's encoder fingerprint to <paths.cache>/fingerprints/<stream>.txt.
+
+    \b
+    The `fingerprints` DVC stage: it runs on every `dvc repro` (cheap: weight files are re-hashed
+    only when they changed) and rewrites a file only when its fingerprint changed, so editing an
+    encoder's weights in place makes `dvc repro` re-encode exactly that stream (and train again).
+    """
+    from pipeline.config import load_params
+    from pipeline.encoding import write_fingerprints
+
+    for stream, (value, written) in write_fingerprints(load_params(params_file)).items():
+        click.echo(f"{stream:<8} {value[:12]}  {'changed' if written else 'unchanged'}")

@@ -18,6 +18,7 @@ import zarr
 
 from cache import fingerprint as fp_mod
 from cache.fingerprint import check_cache, fingerprint
+from cache.lock import HOST
 from cache.schema import SCHEMA_VERSION, STREAMS, SongFeatures
 from cache.shards import (
     ATTRS_KEY, CacheIndex, ShardSettings, ShardWriter, apply_plan, cleanup_temp, plan_update, read_song,
@@ -131,7 +132,7 @@ def test_plan_update_and_compaction(tmp_path, songs):
     write_all(tmp_path, songs)
     index = CacheIndex.open(tmp_path)
     same = {k: f"h-{k}" for k in songs}
-    assert plan_update(index, "mert", same, "fp-mert") == ([], {})
+    assert plan_update(index, "mert", same, "fp-mert") == ([], {}, ())
     wanted = dict(same)
     del wanted["song0"]  # deleted song
     wanted["song1"] = "new-hash"  # edited song
@@ -148,7 +149,7 @@ def test_plan_update_and_compaction(tmp_path, songs):
     assert sorted(i.name for i in index.shards["mert"]) == ["shard-00001.zarr", "shard-00002.zarr"]
     assert index.read_stream("mert", "song1")["mert"].shape[0] == make_song("song1", 50, seed=11).mert.shape[0]
     assert torch.equal(index.read_stream("mert", "song2")["mert"], songs["song2"].mert.bfloat16())
-    assert plan_update(index, "mert", wanted, "fp-mert") == ([], {})
+    assert plan_update(index, "mert", wanted, "fp-mert") == ([], {}, ())
     # another encoder fingerprint makes every song stale and every shard droppable
     plan = plan_update(index, "mert", wanted, "fp-mert-v2")
     assert sorted(plan.to_encode) == sorted(wanted)
@@ -189,11 +190,13 @@ def test_writer_flushes_completed_songs_on_error_and_temp_is_ignored(tmp_path):
             raise RuntimeError("encoder crashed on the next song")
     assert CacheIndex.open(tmp_path).keys("latents") == ["a"]
     # a store left by a killed writer: invisible to readers, removed by the next writer
-    leftover = tmp_path / "latents" / ".tmp-shard-00007-deadbeef.zarr"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    leftover = tmp_path / "latents" / f".tmp-shard-{int(dead.stdout)}@{HOST}-deadbeef.zarr"
     leftover.mkdir()
     (leftover / "zarr.json").write_text("{}")
     assert CacheIndex.open(tmp_path).keys("latents") == ["a"]
-    ShardWriter(tmp_path, "latents", "fp")
+    ShardWriter(tmp_path, "latents", "fp").close()
     assert not leftover.exists()
     assert cleanup_temp(tmp_path) == []
 
@@ -221,7 +224,7 @@ def test_killed_writer_leaves_a_valid_cache(tmp_path):
     for key in keys:
         index.read_stream("mert", key)  # every checksum holds
     cleanup_temp(tmp_path)
-    assert all(not n.startswith(".") for n in os.listdir(tmp_path / "mert"))
+    assert [n for n in os.listdir(tmp_path / "mert") if n.startswith(".")] == [".lock-0"]
 
 
 def test_check_cache(tmp_path, songs):

@@ -1,5 +1,7 @@
-"""`dvc repro` on a copy of the project with the demo models: full run, no-op rerun, a prompt edit
-reruns only the text step and training, a new song is encoded alone (scripted check for CI)."""
+"""`dvc repro` on a copy of the project with the demo models: full run, no-op rerun (leftover temp
+stores in the cache are ignored), a prompt edit plus MERT weights edited in place rerun only the
+text and mert steps and training, a new song is encoded alone (scripted check for CI).
+The `fingerprints` stage runs every time (always_changed) and triggers nothing when nothing changed."""
 from __future__ import annotations
 
 import os
@@ -49,22 +51,37 @@ def test_dvc_repro_full_noop_prompt_edit_and_new_song(tmp_path):
     make_demo_songs(data, n=2, seconds=4.0)
     build_demo_checkpoint(project / "workspace/checkpoints/demo",
                           [p.read_text() for p in data.glob("*_lyrics.txt")])
-    all_stages = ["ingest", "decode", "encode-latents", "encode-mert", "encode-mhubert", "encode-text", "train"]
+    all_stages = ["fingerprints", "ingest", "decode", "encode-latents", "encode-mert", "encode-mhubert",
+                  "encode-text", "train"]
 
     assert sorted(_repro(project)) == sorted(all_stages)
     run = project / "workspace/exps/logs/demo"
     assert (run / "checkpoints" / "epoch=0-step=2_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "metrics.jsonl").is_file() and (run / "loss.png").is_file()
 
-    assert _repro(project) == [], "a second dvc repro must do nothing"
+    mert = project / "workspace/cache/features/mert"
+    for leftover in (".tmp-shard-1@elsewhere-0badc0de.zarr", ".trash-shard-00007.zarr-x1"):
+        (mert / leftover / "c").mkdir(parents=True)
+        (mert / leftover / "c" / "0").write_bytes(b"half")
+    assert _repro(project) == ["fingerprints"], "a second dvc repro must do nothing"
 
+    # A prompt edit and the MERT weights edited in place (size and mtime kept), in one repro to keep
+    # the test short: text and mert are encoded again (and training), latents and mhubert are not.
     prompt = next(data.glob("*_prompt.txt"))
     prompt.write_text("lofi, piano\n", encoding="utf-8")
-    assert _repro(project) == ["ingest", "encode-text", "train"]
+    weights = project / "workspace/checkpoints/demo/MERT-tiny/model.safetensors"
+    before = weights.stat()
+    with open(weights, "r+b") as handle:
+        handle.seek(before.st_size - 64)
+        tail = handle.read(64)
+        handle.seek(before.st_size - 64)
+        handle.write(bytes(b ^ 0x01 for b in tail))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert sorted(_repro(project)) == ["encode-mert", "encode-text", "fingerprints", "ingest", "train"]
 
     make_demo_songs(data / "new", n=1, seconds=4.0, seed=5)
     ran = _repro(project)
-    assert ran == all_stages
+    assert sorted(ran) == sorted(all_stages)
     from cache.shards import CacheIndex
 
     index = CacheIndex.open(project / "workspace/cache/features")
