@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("stages.cache_info:cli", "Inspect the feature cache (`aceturbo cache info`)."),
     "train": ("stages.train:cli", "Train a LoRA from the cache (or --live); checkpoints, metrics, loss.png."),
     "generate": ("stages.generate:cli", "Generate a song with the base model and an optional LoRA."),
+    "compare": ("stages.compare:cli", "Listen to checkpoints side by side: one clip per (checkpoint, weight) + base, one seed."),
     "export-lora": ("stages.export_lora:cli", "Copy a LoRA in the official layout, optionally alpha-baked."),
     "bench": ("stages.bench:cli", "Measure cached vs live training speed, memory and cache size."),
     "ui": ("stages.ui:cli", "Start the web UI (default http://127.0.0.1:7870)."),
