@@ -60,8 +60,8 @@ def ema(values: list[float], beta: float = 0.95) -> list[float]:
 
 
 def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Draw loss (raw + smoothed) with the validation loss, the learning rate, and the LoRA weight
-    norm and update/weight ratio against the step into ``path`` (atomic).
+    """Draw loss (raw + smoothed) with the validation loss, and the learning rate, against the step
+    into ``path`` (atomic). (The LoRA norm and update ratio are in the web UI and TensorBoard.)
 
     Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend, no display.
     """
@@ -73,9 +73,9 @@ def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = 
         return None
     path = Path(path)
     steps = [r["step"] for r in records]
-    fig = Figure(figsize=(8, 7), dpi=100)
+    fig = Figure(figsize=(8, 5.5), dpi=100)
     FigureCanvasAgg(fig)
-    ax, ax_lr, ax_lora = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]})
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for key, color in (("loss", "tab:blue"), ("denoise_loss", "tab:orange")):
         values = [r.get(key, float("nan")) for r in records]
         ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
@@ -89,17 +89,8 @@ def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = 
     ax.set_title(title or "training loss")
     ax_lr.plot(steps, [r.get("lr", float("nan")) for r in records], color="tab:green")
     ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
-    ax_lora.plot(steps, [r.get("lora_norm", float("nan")) for r in records], color="tab:purple")
-    ax_lora.set_ylabel("LoRA norm", color="tab:purple")
-    ax_ratio = ax_lora.twinx()
-    ratio = [r.get("update_ratio", float("nan")) for r in records]
-    ax_ratio.plot(steps, ratio, color="tab:gray", alpha=0.5, linewidth=0.8)
-    if any(isinstance(v, (int, float)) and v > 0 for v in ratio):
-        ax_ratio.set_yscale("log")
-    ax_ratio.set_ylabel("update/weight", color="tab:gray")
-    ax_lora.set_xlabel("optimizer step")
-    ax_lora.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -170,8 +170,8 @@ def train_step(model, source: "_BatchStream", optimizer, scheduler, params: list
 def lora_signals(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """LoRA weight norm ‖θ‖ after the step and the update/weight ratio ‖Δθ‖ / ‖θ before‖, as 0-dim
     tensors on the device (no host sync; they are fetched with the step's other scalars). A ratio
-    near 0 from the start means the LoRA does not move (e.g. the bf16-mixed symptom); ~1e-3 is
-    usual for Adam. ``before`` (the weights before the step) is overwritten."""
+    that stays near 0 from the start means the LoRA does not move (e.g. the bf16-mixed symptom).
+    ``before`` (the weights before the step) is overwritten."""
     with torch.no_grad():
         norm_before = torch.nn.utils.get_total_norm(before)
         norm = torch.nn.utils.get_total_norm(params)

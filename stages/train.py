@@ -159,6 +159,8 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     transformer_dir = paths.require("ace_step_transformer")
     run_dir = Path(project.paths.exps) / config.run_name
     stamp = data_stamp(config, project, cache_dir)
+    # before the run folder is touched: a bad val_songs or cache must leave the previous run where it is
+    batches, validation = make_data(config, project, transformer_dir, cache_dir, rank)
     if resume == "auto":
         resume = "latest" if can_continue(run_dir, config, stamp) else None
     distributed.barrier()  # every rank has decided before the folder may move
@@ -172,7 +174,6 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, alpha={config.alpha}, "
                    f"lr={config.learning_rate}, {config.max_steps} steps, {config.precision} on {device} "
                    f"→ {run_dir}")
-    batches, validation = make_data(config, project, transformer_dir, cache_dir, rank)
     transformer = load_transformer_for_training(transformer_dir, config, device)
     preview = make_preview(config, project, run_dir) if config.plot_every and rank.is_main else None
     try:
@@ -280,7 +281,7 @@ def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: st
     validation = None
     if rank.is_main:
         for note in split.warnings:
-            warnings.warn(note, stacklevel=2)
+            click.echo(f"Warning: {note}", err=True)
         validation = build_validation_set(read_song, split, config, speaker_dim)
         if validation is not None:
             every = config.validation_interval
