@@ -214,7 +214,7 @@ class _Validation:
                  device: torch.device, dtype: torch.dtype):
         self.data = data if rank.is_main else None
         self.transformer, self.config, self.run_dir = transformer, config, run_dir
-        self.rank, self.device, self.dtype = rank, device, dtype
+        self.device, self.dtype = device, dtype
         self.enabled = distributed.any_rank(self.data is not None, device)
         self.tracker = BestTracker(patience=config.early_stop_patience)
         self.best_path: Path | None = None

@@ -208,7 +208,8 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                         labels, rows = A.compare_cells(index, folder)
                         for weight, files in rows:
                             with gr.Row():
-                                gr.Markdown(f"**weight {weight:g}**")
+                                with gr.Column(scale=0, min_width=110):
+                                    gr.Markdown(f"**weight {weight:g}**")
                                 for label, path in zip(labels, files):
                                     if path:
                                         gr.Audio(value=path, label=label, type="filepath", interactive=False)
