@@ -108,9 +108,10 @@ class LiveSource:
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
 
 
-def make_live_source(project: ProjectConfig, config, speaker_dim: int = 512) -> LiveSource:
+def make_live_source(project: ProjectConfig, config, speaker_dim: int = 512, keys: list[str] | None = None) -> LiveSource:
     """The `aceturbo train --live` batch source for a TrainConfig (same batches as the cache loader).
-    The encoders run on encode.device; ``speaker_dim`` is the transformer's speaker_embedding_dim."""
+    The encoders run on encode.device; ``speaker_dim`` is the transformer's speaker_embedding_dim;
+    ``keys``: the songs to train on (None: all of the manifest)."""
     from pipeline.dataset import read_manifest
 
     from pipeline import distributed
@@ -118,6 +119,9 @@ def make_live_source(project: ProjectConfig, config, speaker_dim: int = 512) -> 
     rank = distributed.info()
     # Under DDP each rank encodes its own share of the songs (the cache loader splits by node too).
     everything = sorted(read_manifest(project.paths.manifest), key=lambda s: s.id)
+    if keys is not None:
+        wanted = set(keys)
+        everything = [s for s in everything if s.id in wanted]
     songs = everything[rank.rank::rank.world_size]
     if not songs:
         from pipeline.errors import ConfigError

@@ -14,11 +14,15 @@ from pipeline.fileio import atomic_output, write_bytes_atomic
 
 # Fields of every metrics.jsonl record, in order.
 FIELDS = ("step", "epoch", "loss", "denoise_loss", "mert_loss", "mhubert_loss", "lr", "grad_norm",
-          "sec_per_step", "samples_per_s")
+          "lora_norm", "update_ratio", "sec_per_step", "samples_per_s")
+# Fields added to the records of the steps that ran a validation (pipeline.train, docs/training.md).
+VAL_FIELDS = ("val_loss", "val_denoise_loss", "val_seconds", "best_step", "best_val_loss")
 
-# Official TensorBoard tags (spec §6.3) for the fields that have one.
+# Official TensorBoard tags (spec §6.3) for the fields that have one; ours for the others.
 TB_TAGS = {"loss": "train/loss", "denoise_loss": "train/denoising_loss", "mert_loss": "train/mert_loss",
            "mhubert_loss": "train/m-hubert_loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+           "lora_norm": "train/lora_norm", "update_ratio": "train/update_ratio",
+           "val_loss": "val/loss", "val_denoise_loss": "val/denoising_loss",
            "sec_per_step": "perf/sec_per_step", "samples_per_s": "perf/samples_per_s"}
 
 
@@ -45,7 +49,8 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
 
 
-def _ema(values: list[float], beta: float = 0.95) -> list[float]:
+def ema(values: list[float], beta: float = 0.95) -> list[float]:
+    """Exponential moving average (the "smoothed" curves), skipping non-finite values."""
     out, avg = [], None
     for v in values:
         if math.isfinite(v):
@@ -55,7 +60,8 @@ def _ema(values: list[float], beta: float = 0.95) -> list[float]:
 
 
 def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Draw loss (raw + smoothed) and the learning rate against the step into ``path`` (atomic).
+    """Draw loss (raw + smoothed) with the validation loss, and the learning rate, against the step
+    into ``path`` (atomic). (The LoRA norm and update ratio are in the web UI and TensorBoard.)
 
     Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend, no display.
     """
@@ -73,7 +79,10 @@ def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = 
     for key, color in (("loss", "tab:blue"), ("denoise_loss", "tab:orange")):
         values = [r.get(key, float("nan")) for r in records]
         ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(steps, _ema(values), color=color, linewidth=1.6, label=f"{key} (smoothed)")
+        ax.plot(steps, ema(values), color=color, linewidth=1.6, label=f"{key} (smoothed)")
+    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
+    if val:  # deterministic: drawn as measured, no smoothing
+        ax.plot(*zip(*val), color="black", marker="o", markersize=3, linewidth=1.2, label="val_loss")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")

@@ -9,6 +9,7 @@ No model is imported here: the training loop passes tensors in.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,10 +43,23 @@ def sample_sigmas(
     The model's timestep input is 1000·σ."""
     u = torch.normal(logit_mean, logit_std, size=(batch_size,), generator=generator,
                      device=generator.device)
-    u = torch.sigmoid(u)
+    return _table_sigmas(torch.sigmoid(u), sigmas).to(device if device is not None else sigmas.device)
+
+
+def sigma_grid(n: int, sigmas: torch.Tensor, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """σ [n], a fixed grid over the training σ distribution: the midpoint quantiles (i + ½)/n of the
+    logit-normal, mapped into the table as ``sample_sigmas`` does (the validation loss's noise levels).
+    For n = 8 and the shift-3 table: 0.40 … 0.93, the mean over the grid ≈ the training loss's mean."""
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    z = logit_mean + logit_std * math.sqrt(2.0) * torch.erfinv(2 * q - 1)
+    return _table_sigmas(torch.sigmoid(z).float(), sigmas)
+
+
+def _table_sigmas(u: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1) → the table entry at index clamp(⌊N·u⌋, 0, N−1)."""
     n = sigmas.shape[0]
     idx = torch.clamp((u * n).floor().long(), 0, n - 1)
-    return sigmas.to(idx.device)[idx].to(device if device is not None else sigmas.device)
+    return sigmas.to(idx.device)[idx]
 
 
 def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -27,23 +27,32 @@ import torch
 from pipeline import distributed
 from pipeline.errors import AceTurboError, CacheError, CheckpointError, ConfigError
 from pipeline.fileio import write_text_atomic
-from pipeline.metrics import MetricsLogger, truncate_metrics
+from pipeline.metrics import MetricsLogger, read_metrics, truncate_metrics
 from pipeline.objective import cfg_dropout, denoise_loss, noisy_latents, sample_sigmas, total_loss, training_sigmas
 from pipeline.train_config import TrainConfig
 from pipeline.train_state import (
+    BEST_FILE,
     LoopState,
     capture_rng,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    parse_checkpoint_name,
     prune_checkpoints,
     resolve_resume,
     restore_rng,
     save_checkpoint,
+    write_best,
 )
+from pipeline.validation import BestTracker, ValidationSet
 
 ADAPTER = "default"
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "fp32": torch.float32}
 Preview = Callable[[torch.nn.Module, dict, int], Any]
+
+
+EARLY_STOP = "early stop"  # summary["stopped"] when early_stop_patience ended the run
+FINISHED = ("completed", EARLY_STOP)  # summary["stopped"] values of a run that ended as planned
 
 
 class TrainingDiverged(AceTurboError):
@@ -105,6 +114,13 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     noise = torch.randn(batch["latents"].shape, generator=generator, dtype=torch.float32)
     sigma = sample_sigmas(batch["latents"].shape[0], generator, sigmas,
                           logit_mean=config.logit_mean, logit_std=config.logit_std)
+    return forward_loss(model, batch, noise, sigma, config, device, dtype)
+
+
+def forward_loss(model, batch: dict, noise: torch.Tensor, sigma: torch.Tensor, config: TrainConfig,
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch at the given noise ε and σ [B]: x_t, forward, losses (no randomness;
+    compute_loss and the validation loss share it)."""
     b = batch_to_device(batch, device, dtype)
     x0, noise = b["latents"], noise.to(device, dtype)
     x_t = noisy_latents(x0, noise, sigma.to(device, dtype))
@@ -144,20 +160,139 @@ def train_step(model, source: "_BatchStream", optimizer, scheduler, params: list
     if not math.isfinite(grad_norm):  # same value on every rank: the gradients are all-reduced
         raise TrainingDiverged(f"gradient norm is {grad_norm} (NaN/inf)")
     lr = scheduler.get_last_lr()[0]  # the rate this step uses (the official train/learning_rate)
+    before = [p.detach().clone() for p in params]  # one transient copy of the LoRA weights
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**parts_sum, "lr": lr, "grad_norm": grad_norm}
+    return {**parts_sum, "lr": lr, "grad_norm": grad_norm, **lora_signals(params, before)}
+
+
+def lora_signals(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA weight norm ‖θ‖ after the step and the update/weight ratio ‖Δθ‖ / ‖θ before‖, as 0-dim
+    tensors on the device (no host sync; they are fetched with the step's other scalars). A ratio
+    that stays near 0 from the start means the LoRA does not move (e.g. the bf16-mixed symptom).
+    ``before`` (the weights before the step) is overwritten."""
+    with torch.no_grad():
+        norm_before = torch.nn.utils.get_total_norm(before)
+        norm = torch.nn.utils.get_total_norm(params)
+        torch._foreach_sub_(before, [p.detach() for p in params])  # one fused kernel per dtype/device
+        update = torch.nn.utils.get_total_norm(before)
+    return {"lora_norm": norm, "update_ratio": update / norm_before.clamp_min(1e-12)}
+
+
+# ------------------------------------------------------------------ validation
+def validation_loss(model, validation: ValidationSet, config: TrainConfig, device: torch.device,
+                    dtype: torch.dtype) -> dict[str, float]:
+    """The loss on the fixed validation set (pipeline/validation.py): eval mode, no CFG dropout, no
+    gradients, one forward pass per song with its σ grid as the batch. The global RNGs and the
+    train/eval mode are restored after; the training generator is never touched."""
+    was_training = model.training
+    totals = {"loss": 0.0, "denoise_loss": 0.0}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        model.eval()
+        try:
+            for item in validation.items:
+                n = item.sigmas.shape[0]
+                one = batch_to_device(item.batch, device, dtype)  # moved once, then repeated on the device
+                batch = {k: v.expand(n, *v.shape[1:]).contiguous() if isinstance(v, torch.Tensor)
+                         else v * n if isinstance(v, list) else v for k, v in one.items()}
+                _, parts = forward_loss(model, batch, item.noise(), item.sigmas, config, device, dtype)
+                for key in totals:
+                    totals[key] += float(parts[key]) / len(validation.items)
+        finally:
+            model.train(was_training)
+    return {"val_loss": totals["loss"], "val_denoise_loss": totals["denoise_loss"]}
+
+
+class _Validation:
+    """The loop's validation hook: when to validate, the best checkpoint, early stop.
+
+    Runs on rank 0 (like previews, on the unwrapped transformer); every decision that changes what
+    all ranks do (save a new best, stop) goes through distributed.any_rank."""
+
+    def __init__(self, data: ValidationSet | None, transformer, config: TrainConfig, run_dir: Path, rank,
+                 device: torch.device, dtype: torch.dtype):
+        self.data = data if rank.is_main else None
+        self.transformer, self.config, self.run_dir = transformer, config, run_dir
+        self.device, self.dtype = device, dtype
+        self.enabled = distributed.any_rank(self.data is not None, device)
+        self.tracker = BestTracker(patience=config.early_stop_patience)
+        self.best_path: Path | None = None
+        self.last: dict[str, float] = {}
+        self.seconds: list[float] = []
+
+    def resume(self) -> None:
+        """Continue the best/patience count of the records up to the checkpoint (rank 0)."""
+        if self.data is None:
+            return
+        self.tracker = BestTracker.from_records(read_metrics(self.run_dir / "metrics.jsonl"),
+                                                self.config.early_stop_patience)
+        self.best_path = next((p for p in list_checkpoints(self.run_dir)
+                               if parse_checkpoint_name(p.name)[1] == self.tracker.best_step), None)
+        if self.best_path is not None:
+            self._write_best()
+        else:  # names a step after the checkpoint (redone now), or nothing yet
+            (self.run_dir / BEST_FILE).unlink(missing_ok=True)
+
+    def due(self, step: int) -> bool:
+        every = self.config.validation_interval
+        return self.enabled and (step == self.config.max_steps or bool(every and step % every == 0))
+
+    def run(self, step: int, bar) -> tuple[dict[str, Any], bool]:
+        """Validate after ``step``: (fields for this step's metrics record, whether to save this step
+        because it is a new best)."""
+        fields, improved = {}, False
+        if self.data is not None:
+            tic = time.perf_counter()
+            self.last = validation_loss(self.transformer, self.data, self.config, self.device, self.dtype)
+            self.seconds.append(time.perf_counter() - tic)
+            improved = self.tracker.update(step, self.last["val_loss"])
+            fields = {**{k: v if math.isfinite(v) else None for k, v in self.last.items()},
+                      "val_seconds": round(self.seconds[-1], 4), "best_step": self.tracker.best_step,
+                      "best_val_loss": self.tracker.best_loss if self.tracker.best_step is not None else None}
+            best = "new best" if improved else f"best {self.tracker.best_loss:.5f} at step {self.tracker.best_step}"
+            bar.write(f"step {step}: val_loss {self.last['val_loss']:.5f} ({best}; {self.seconds[-1]:.2f} s)")
+        return fields, distributed.any_rank(improved, self.device)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.tracker.should_stop
+
+    def stop_message(self) -> str:
+        return (f"early stop: no new best validation loss in {self.config.early_stop_patience} validations "
+                f"(best {self.tracker.best_loss:.5f} at step {self.tracker.best_step})")
+
+    def saved(self, checkpoint: Path, step: int) -> list[Path]:
+        """After a checkpoint is written (rank 0): record it as best if it is; the checkpoints to keep."""
+        if self.data is not None and step == self.tracker.best_step:
+            self.best_path = checkpoint
+            self._write_best()
+        return [self.best_path] if self.best_path is not None else []
+
+    def _write_best(self) -> None:
+        write_best(self.run_dir, self.best_path, val_loss=self.tracker.best_loss, held_out=self.data.held_out)
+
+    def summary(self) -> dict[str, Any]:
+        return {"val_loss": self.last.get("val_loss"),
+                "best_step": self.tracker.best_step,
+                "best_val_loss": self.tracker.best_loss if self.tracker.best_step is not None else None,
+                "best_checkpoint": str(self.best_path) if self.best_path else None,
+                "val_seconds": sum(self.seconds) / len(self.seconds) if self.seconds else None,
+                "val_held_out": self.data.held_out if self.data is not None else None}
 
 
 # ------------------------------------------------------------------ the loop
 def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[dict], run_dir: str | Path,
-          preview: Preview | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+          preview: Preview | None = None, resume: str | Path | None = None,
+          validation: ValidationSet | None = None) -> dict[str, Any]:
     """Train the transformer's LoRA on `batches` until config.max_steps; return a summary dict.
 
     `batches`: an iterable of batches (the cache loader or the live source); if it has
     state_dict()/load_state_dict() its position is checkpointed. It is iterated again at its end
     (a new epoch). `resume`: "latest", a checkpoint folder, or None for a new run.
+    `validation`: the fixed validation set (pipeline.validation.build_validation_set; needed on
+    rank 0 only), evaluated every config.validation_interval steps and at the end; the best
+    checkpoint is kept and named in best.json; early_stop_patience stops on a plateau.
     Stops cleanly on SIGTERM or Ctrl-C (checkpoint saved, summary["stopped"] says why).
     """
     config.validate()
@@ -198,6 +333,9 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         write_text_atomic(run_dir / "train_config.json", config.to_json())
         truncate_metrics(run_dir / "metrics.jsonl", loop.step)  # steps after the checkpoint are redone
     logger = MetricsLogger(run_dir, plot_every=config.log_plot_every, enabled=rank.is_main, title=config.run_name)
+    validator = _Validation(validation, transformer, config, run_dir, rank, device, dtype)
+    if resume:
+        validator.resume()
     source = _BatchStream(batches, loop.epoch)
     last_good = latest_checkpoint(run_dir) if resume else None
     saved_step = loop.step if resume else -1
@@ -213,7 +351,7 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         if rank.is_main:
             last_good = save_checkpoint(run_dir, transformer, settings, optimizer, scheduler, state,
                                         config.to_dict(), adapter_name=ADAPTER)
-            prune_checkpoints(run_dir, config.keep_last)
+            prune_checkpoints(run_dir, config.keep_last, protect=validator.saved(last_good, state.step))
         saved_step = state.step
         if collective:
             distributed.barrier()
@@ -223,8 +361,8 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
             model.train()
             while loop.step < config.max_steps:
                 start = None
-                if distributed.any_rank(stop.reason is not None, device):
-                    stopped = stop.reason or "stopped by another rank"
+                if distributed.any_rank(stop.reason is not None or validator.should_stop, device):
+                    stopped = stop.reason or (EARLY_STOP if validator.should_stop else "stopped by another rank")
                     break
                 start = _position(loop, generator, source)  # what an interrupt mid-step saves
                 if preview is not None and config.plot_every and loop.step % config.plot_every == 0:
@@ -235,10 +373,16 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
                 start = None  # weights moved on: `start` no longer matches them
                 loop.step, loop.epoch = loop.step + 1, source.epoch
                 times.append(time.perf_counter() - tic)
-                logger.log(_record(loop, record, times[-1], config, rank, device))
+                entry = _record(loop, record, times[-1], config, rank, device)
+                new_best = False
+                if validator.due(loop.step):  # before logging: the step's record carries val_loss
+                    fields, new_best = validator.run(loop.step, bar)
+                    entry.update(fields)
+                logger.log(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                if config.save_every and loop.step % config.save_every == 0 and loop.step < config.max_steps:
+                periodic = config.save_every and loop.step % config.save_every == 0
+                if (periodic or new_best) and loop.step < config.max_steps:  # a new best is always a checkpoint
                     save(_position(loop, generator, source))
         except KeyboardInterrupt:
             stopped = "interrupted (Ctrl-C)"
@@ -263,8 +407,11 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         "last_loss": logger.last.get("loss") if rank.is_main else None,
         "sec_per_step": sum(steady) / len(steady) if steady else None,
         "tensorboard": logger.has_tensorboard if rank.is_main else False,
+        **validator.summary(),
     }
-    if stopped != "completed" and not stop.hard:
+    if stopped == EARLY_STOP:
+        _say(rank, f"{validator.stop_message()}; stopped at step {loop.step}, checkpoint {last_good}.")
+    elif stopped != "completed" and not stop.hard:
         _say(rank, f"{stopped}: stopped at step {loop.step}; checkpoint {last_good}. Continue with --resume latest.")
     return summary
 
@@ -392,9 +539,10 @@ def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, 
     if rank.enabled:  # log the mean over ranks, like Lightning's sync_dist
         values = distributed.mean_across_ranks(torch.tensor(values, device=device)).tolist()
     samples = config.batch_size * config.grad_accumulation * rank.world_size
+    lora_norm, update_ratio = torch.stack([record["lora_norm"].float(), record["update_ratio"].float()]).tolist()
     return {"step": loop.step, "epoch": loop.epoch, **dict(zip(keys, values)), "lr": record["lr"],
-            "grad_norm": record["grad_norm"], "sec_per_step": round(seconds, 6),
-            "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
+            "grad_norm": record["grad_norm"], "lora_norm": lora_norm, "update_ratio": update_ratio,
+            "sec_per_step": round(seconds, 6), "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:

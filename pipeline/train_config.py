@@ -81,6 +81,13 @@ class TrainConfig:
     keep_last: int = _opt(5, "Keep only the newest K checkpoint folders (0: keep all).")
     plot_every: int = _opt(0, "Generate a preview every N steps (0: off). Each preview is a full 60-step sampling.")
     log_plot_every: int = _opt(50, "Redraw loss.png every N steps.")
+    # --- validation and early stop (docs/training.md "Validation") ---
+    val_every: int = _opt(0, "Validation loss every N optimizer steps (0: at every checkpoint, i.e. each save_every, and at the end).")
+    val_songs: list = _opt(["val/*"], "Held-out song ids or patterns (default: the data folder's val/ subfolder). None held out: the validation uses training songs and measures fit, not generalisation.")
+    val_max_songs: int = _opt(4, "Songs in the validation set (the first N by id); 0 turns validation off.")
+    val_sigmas: int = _opt(8, "Noise levels per validation song: a fixed grid over the logit-normal timestep distribution.")
+    val_seed: int = _opt(0, "Seed of the validation noise, crops and prompt variants (fixed, so runs with other seeds compare).")
+    early_stop_patience: int = _opt(0, "Stop after this many validations without a new best validation loss (0: off).")
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -122,8 +129,13 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size", "must be ≥ 1")
         _check(self.max_seconds > 0, "max_seconds", "must be > 0 (official 240)")
         _check(self.num_workers >= 0, "num_workers", "must be ≥ 0")
-        for name in ("save_every", "keep_last", "plot_every", "log_plot_every"):
+        for name in ("save_every", "keep_last", "plot_every", "log_plot_every", "val_every", "val_max_songs",
+                     "early_stop_patience"):
             _check(getattr(self, name) >= 0, name, "must be ≥ 0")
+        _check(self.val_sigmas >= 1, "val_sigmas", "must be ≥ 1 (8 covers the timestep distribution)")
+        _check(all(isinstance(p, str) and p for p in self.val_songs), "val_songs", "must be song ids or patterns, e.g. val/*")
+        _check(not self.early_stop_patience or self.val_max_songs > 0, "early_stop_patience",
+               "needs the validation loss: set val_max_songs > 0 (or early_stop_patience: 0)")
         return self
 
     def advice(self) -> list[str]:
@@ -135,7 +147,15 @@ class TrainConfig:
         if self.plot_every:
             notes.append(f"plot_every={self.plot_every}: each preview is a full 60-step sampling of the clip "
                          "(minutes per preview on a large GPU); set plot_every: 0 to train without previews.")
+        if self.early_stop_patience and not (self.val_every or self.save_every):
+            notes.append(f"early_stop_patience={self.early_stop_patience} with val_every=0 and save_every=0: the "
+                         "validation runs only at the end, so training never stops early; set val_every.")
         return notes
+
+    @property
+    def validation_interval(self) -> int:
+        """Steps between validations (0: only at the end)."""
+        return self.val_every or self.save_every
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

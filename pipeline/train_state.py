@@ -14,6 +14,7 @@ leaves a half-written checkpoint where ``--resume latest`` would find it.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -21,12 +22,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.fileio import write_json_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -263,8 +265,10 @@ def checkpoint_lora_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return _trained_weights(path, _read_state(path))
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (0: keep all) and stale temp folders."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Iterable[str | Path] = ()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (0: keep all) and stale temp folders.
+    Checkpoints named in ``protect`` (the best one) are kept whatever ``keep_last`` says."""
+    protected = {Path(p).name for p in protect}
     folder = Path(run_dir) / CHECKPOINTS_DIR
     removed = []
     if folder.is_dir():
@@ -273,6 +277,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)  # left by a crash; only rank 0 writes here
     if keep_last > 0:
         for p in list_checkpoints(run_dir)[:-keep_last]:
+            if p.name in protected:
+                continue
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -285,3 +291,56 @@ def _lora_signature(settings: Any) -> dict[str, Any]:
         "use_rslora": bool(settings.use_rslora),
         "target_modules": sorted(settings.target_modules),
     }
+
+
+# ------------------------------------------------------------------ the best checkpoint
+# ``<run>/best.json`` names the checkpoint with the lowest validation loss (a record, not a copy of the
+# weights: nothing to go stale, no second folder for --resume or the pruning to mistake for a checkpoint).
+BEST_FILE = "best.json"
+
+
+def write_best(run_dir: str | Path, checkpoint: str | Path, **values: Any) -> Path:
+    """Record ``checkpoint`` as the run's best (path relative to the run, so the folder can move)."""
+    run_dir = Path(run_dir)
+    epoch, step = parse_checkpoint_name(Path(checkpoint).name)
+    record = {"checkpoint": f"{CHECKPOINTS_DIR}/{Path(checkpoint).name}", "step": step, "epoch": epoch, **values}
+    return write_json_atomic(run_dir / BEST_FILE, record, sort_keys=True)
+
+
+def read_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """best.json with ``path`` (the checkpoint folder) added, or None when there is none (validation
+    off, or no validation yet) or it names a checkpoint that is gone."""
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / BEST_FILE).read_text(encoding="utf-8"))
+        path = run_dir / record["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if path not in list_checkpoints(run_dir):
+        return None
+    return {**record, "path": path}
+
+
+def find_checkpoints(run_dir: str | Path, which: Iterable[str | int]) -> list[Path]:
+    """The checkpoint folders meant by ``which``: step numbers, "best" (best.json) or "latest".
+    ConfigError in one line naming every missing one and listing the steps that exist."""
+    run_dir = Path(run_dir)
+    found = {parse_checkpoint_name(p.name)[1]: p for p in list_checkpoints(run_dir)}
+    best = read_best(run_dir)
+    out, missing = [], []
+    for token in which:
+        token = str(token).strip()
+        if token == "best" and best is not None:
+            out.append(best["path"])
+        elif token == "latest" and found:
+            out.append(found[max(found)])
+        elif token.isdigit() and int(token) in found:
+            out.append(found[int(token)])
+        else:
+            missing.append(token)
+    if missing:
+        steps = ", ".join(str(s) for s in sorted(found)) or "none"
+        have_best = f"; best = step {best['step']}" if best else "; no best (best.json: the validation was off or has not run)"
+        raise ConfigError(f"run '{run_dir.name}' has no checkpoint for {', '.join(missing)}; its checkpoints are "
+                          f"at steps {steps}{have_best}. Pick from those (e.g. --steps {','.join(map(str, sorted(found)[-2:])) or 'best'}).")
+    return out

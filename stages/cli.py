@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("stages.cache_info:cli", "Inspect the feature cache (`aceturbo cache info`)."),
     "train": ("stages.train:cli", "Train a LoRA from the cache (or --live); checkpoints, metrics, loss.png."),
     "generate": ("stages.generate:cli", "Generate a song with the base model and an optional LoRA."),
+    "compare": ("stages.compare:cli", "Listen to checkpoints side by side: one clip per (checkpoint, weight) + base, one seed."),
     "export-lora": ("stages.export_lora:cli", "Copy a LoRA for other tools: scale baked in (default) or official unbaked."),
     "lora-info": ("stages.lora_info:cli", "Show a LoRA's rank, alpha, trained scale, dtype and the strength per loader."),
     "bench": ("stages.bench:cli", "Measure cached vs live training speed, memory and cache size."),

@@ -82,7 +82,9 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
             if len(configs) > 1:
                 click.echo(f"=== run {i}/{len(configs)}: {config.run_name} (preset {config.preset}) ===")
             summary = run_one(config, project, resume=resume, cache_dir=cache_dir)
-            if summary["stopped"] != "completed":
+            from pipeline.train import FINISHED
+
+            if summary["stopped"] not in FINISHED:
                 # Interrupted: later runs of a sweep are not started; a non-zero status tells DVC/the UI.
                 sys.exit(143 if summary["stopped"] == "SIGTERM" else 130)
     finally:
@@ -149,7 +151,7 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     import torch
 
     from pipeline import distributed
-    from pipeline.train import load_transformer_for_training, train
+    from pipeline.train import FINISHED, load_transformer_for_training, train
 
     device = distributed.resolve_device(config.device)
     rank = distributed.init(device)
@@ -157,6 +159,8 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     transformer_dir = paths.require("ace_step_transformer")
     run_dir = Path(project.paths.exps) / config.run_name
     stamp = data_stamp(config, project, cache_dir)
+    # before the run folder is touched: a bad val_songs or cache must leave the previous run where it is
+    batches, validation = make_data(config, project, transformer_dir, cache_dir, rank)
     if resume == "auto":
         resume = "latest" if can_continue(run_dir, config, stamp) else None
     distributed.barrier()  # every rank has decided before the folder may move
@@ -170,20 +174,22 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, alpha={config.alpha}, "
                    f"lr={config.learning_rate}, {config.max_steps} steps, {config.precision} on {device} "
                    f"→ {run_dir}")
-    batches = make_batches(config, project, transformer_dir, cache_dir, device, rank)
     transformer = load_transformer_for_training(transformer_dir, config, device)
     preview = make_preview(config, project, run_dir) if config.plot_every and rank.is_main else None
     try:
-        summary = train(config, transformer, batches, run_dir, preview=preview, resume=resume)
+        summary = train(config, transformer, batches, run_dir, preview=preview, resume=resume, validation=validation)
     finally:
-        del transformer, batches
+        del transformer, batches, validation
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if rank.is_main and summary["stopped"] == "completed":
+    if rank.is_main and summary["stopped"] in FINISHED:
         speed = f", {summary['sec_per_step']:.3f} s/step" if summary["sec_per_step"] else ""
         click.echo(f"done: {summary['step']} steps, last loss {summary['last_loss']}{speed}; "
                    f"LoRA in {summary['checkpoint']}")
+        if summary["best_step"] is not None:
+            click.echo(f"best: val_loss {summary['best_val_loss']:.5f} at step {summary['best_step']} → "
+                       f"{summary['best_checkpoint']} (named in best.json; {summary['val_seconds']:.2f} s per validation)")
     return summary
 
 
@@ -205,7 +211,7 @@ def data_stamp(config: TrainConfig, project, cache_dir: str | None) -> str:
         rows = sorted((stream, key, entry.content_hash, info.fingerprint)
                       for stream in index.streams() for key, (info, entry) in index.live(stream).items())
     except CacheError:
-        rows = []  # make_batches reports a broken cache properly
+        rows = []  # make_data reports a broken cache properly
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -242,21 +248,46 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     return previous
 
 
-def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, device, rank):
-    """The cache loader (fingerprints checked), or the live source with --live."""
+def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, rank):
+    """(training batches, validation set): the cache loader (fingerprints checked) or, with --live,
+    the live source, over the songs ``val_songs`` does not hold out; the fixed validation set (rank 0
+    only; None when validation is off) from the held-out songs, else from training songs."""
+    from pipeline.validation import build_validation_set, split_songs
+
     speaker_dim = _transformer_config(transformer_dir).get("speaker_embedding_dim", 512)
     if config.live:
+        from pipeline.dataset import read_manifest
         from pipeline.live import make_live_source
 
-        return make_live_source(project=project, config=config, speaker_dim=speaker_dim)
-    from cache.loader import LoaderSettings, make_loader
+        songs = {s.id: s for s in read_manifest(project.paths.manifest)}
+        split = split_songs(songs, config.val_songs, config.val_max_songs,
+                            {k: s.audio_sha256 for k, s in songs.items()})
+        batches = make_live_source(project=project, config=config, speaker_dim=speaker_dim, keys=split.train)
+        read_song = lambda key: batches.features(songs[key])  # noqa: E731
+    else:
+        from cache.loader import LoaderSettings, make_loader
 
-    folder = cache_dir or project.paths.features  # a folder or an fsspec URL
-    # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
-    settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
-                              num_workers=config.num_workers, speaker_dim=speaker_dim,
-                              expected_fingerprints=expected_fingerprints(project))
-    return make_loader(folder, settings)
+        folder = cache_dir or project.paths.features  # a folder or an fsspec URL
+        # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
+        settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
+                                  num_workers=config.num_workers, speaker_dim=speaker_dim,
+                                  expected_fingerprints=expected_fingerprints(project))
+        batches = make_loader(folder, settings)
+        split = split_songs(batches.keys, config.val_songs, config.val_max_songs,
+                            batches.index.content_hashes("latents"))
+        if split.held_out:
+            batches = make_loader(folder, settings, keys=split.train)
+        read_song = lambda key: batches.index.read_song(key, settings.streams)  # noqa: E731
+    validation = None
+    if rank.is_main:
+        for note in split.warnings:
+            click.echo(f"Warning: {note}", err=True)
+        validation = build_validation_set(read_song, split, config, speaker_dim)
+        if validation is not None:
+            every = config.validation_interval
+            click.echo(f"validation: {validation.describe()}, "
+                       f"{f'every {every} steps and ' if every else ''}at the end")
+    return batches, validation
 
 
 def expected_fingerprints(project) -> dict[str, str] | None:
@@ -307,4 +338,4 @@ def _workspace(project) -> Path:
     return exps.parent
 
 
-__all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_batches", "set_aside_previous", "expected_fingerprints"]
+__all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_data", "set_aside_previous", "expected_fingerprints"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.collate import collate, make_sample, sample_rng
+from cache.collate import collate, make_sample, max_frames, sample_rng
 from cache.fingerprint import check_cache
 from cache.shards import CacheIndex
 from pipeline.config import EncodeConfig, IngestConfig, PathsConfig, ProjectConfig
@@ -171,3 +171,28 @@ def test_encode_and_load_through_an_fsspec_url(project):
     batch = next(iter(loader))
     assert batch["latents"].shape[:3] == (1, 8, 16) and batch["mert"][0] is not None
     assert _encode_all(project) == {s: 0 for s in STREAMS}
+
+
+def test_held_out_songs_give_the_same_validation_set_cached_and_live(project, demo_root):
+    """`aceturbo train` (and --live) holds the val_songs out of training and validates on them."""
+    from pipeline import distributed
+    from pipeline.train_config import TrainConfig
+    from stages.train import make_data
+
+    _encode_all(project)
+    ids = sorted(s.id for s in read_manifest(project.paths.manifest))
+    transformer_dir = Path(project.models.acestep) / "ace_step_transformer"
+    sets = {}
+    for live in (False, True):
+        config = TrainConfig(live=live, max_seconds=MAX_SECONDS, val_songs=[ids[0]], val_sigmas=3)
+        batches, validation = make_data(config, project, transformer_dir, None, distributed.info())
+        epoch = iter(batches)  # one pass over the two training songs
+        trained = {k for _ in range(2) for k in next(epoch)["keys"]}
+        assert trained == set(ids[1:])
+        assert ids[0] not in trained and validation.held_out
+        sets[live] = validation
+    (cached,), (live,) = sets[False].items, sets[True].items
+    assert cached.key == live.key == ids[0] and cached.noise_seed == live.noise_seed
+    assert cached.batch["latents"].shape[-1] == max_frames(MAX_SECONDS)  # cropped like a training sample
+    for name in ("latents", "text_states", "lyric_ids"):
+        assert torch.equal(cached.batch[name], live.batch[name]), name

@@ -1,5 +1,6 @@
 """DDP: `torchrun --nproc_per_node 2` on CPU (gloo). Both ranks end with the same LoRA although they
-see different batches (gradients are averaged), and only rank 0 writes files."""
+see different batches (gradients are averaged), only rank 0 writes files, and a validation run on
+rank 0 alone (a new best to save, an early stop) moves every rank the same way."""
 from __future__ import annotations
 
 import os
@@ -30,14 +31,24 @@ SCRIPT = textwrap.dedent(
     tiny_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     info = distributed.init("cpu")
     assert info.world_size == 2 and torch.distributed.get_backend() == "gloo"
-    config = tiny_config(max_steps=3, save_every=2, keep_last=0)
+    import pipeline.train as train_module
+    from pipeline.validation import ValidationSet
+
+    config = tiny_config(max_steps=5, save_every=2, keep_last=0, val_every=1, early_stop_patience=1)
     model = load_transformer_for_training(tiny_dir, config, "cpu")
     if info.rank == 1:  # a different init on rank 1: DDP must broadcast rank 0's
         with torch.no_grad():
             for p in lora_parameters(model).values():
                 p.add_(1.0)
+    # validation on rank 0 only (the stage builds it there): a new best at steps 1 and 2, none at 3,
+    # so every rank saves at step 1 and stops after step 3 (patience 1)
+    curve = iter([1.0, 0.5, 0.9])
+    train_module.validation_loss = lambda *a: {"val_loss": next(curve), "val_denoise_loss": 0.0}
+    validation = ValidationSet(items=[], held_out=True) if info.rank == 0 else None
     # each rank gets its own data, like the cache loader's split by node
-    summary = train(config, model, SyntheticSource(n=4, seed=10 + info.rank), out / f"run{info.rank}")
+    summary = train(config, model, SyntheticSource(n=4, seed=10 + info.rank), out / f"run{info.rank}",
+                    validation=validation)
+    assert summary["step"] == 3 and summary["stopped"] == ("early stop" if info.rank == 0 else "stopped by another rank")
     weights = {k: p.detach().contiguous() for k, p in lora_parameters(model).items()}
     save_file(weights, str(out / f"final_rank{info.rank}.safetensors"))
     print("rank", info.rank, "summary", summary, flush=True)
@@ -64,7 +75,9 @@ def test_ddp_two_cpu_processes(tiny_transformer_dir, tmp_path):
 
     # only rank 0 wrote: its run folder is complete, rank 1's does not exist
     run0 = tmp_path / "run0"
-    assert [p.name for p in list_checkpoints(run0)] == ["epoch=0-step=2_lora", "epoch=0-step=3_lora"]
+    assert [p.name for p in list_checkpoints(run0)] == ["epoch=0-step=1_lora", "epoch=0-step=2_lora",
+                                                        "epoch=0-step=3_lora"]
+    assert (run0 / "best.json").is_file()
     assert (run0 / "metrics.jsonl").is_file() and (run0 / "loss.png").is_file()
     assert not (tmp_path / "run1").exists()
     saved = checkpoint_lora_weights(run0 / "checkpoints" / "epoch=0-step=3_lora")  # unbaked, as trained

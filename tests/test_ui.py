@@ -268,9 +268,11 @@ def test_metrics_for_the_graph_and_eta(proj):
     (run / "train_config.json").write_text(json.dumps({"max_steps": 20}))
     records = A.run_metrics(run)
     table = A.loss_table(records)
-    assert list(table.columns) == ["step", "value", "series"] and len(table) == 16
-    assert set(table["series"]) == {"loss", "denoise_loss", "mert_loss", "mhubert_loss"}
+    assert list(table.columns) == ["step", "value", "series"] and len(table) == 20
+    assert set(table["series"]) == {"loss", "denoise_loss", "mert_loss", "mhubert_loss", A.SMOOTHED_LOSS}
     assert table[table.series == "loss"]["value"].tolist() == pytest.approx([2.9, 2.8, 2.7, 2.6])
+    smoothed = table[table.series == A.SMOOTHED_LOSS]["value"].tolist()
+    assert smoothed[0] == pytest.approx(2.9) and 2.6 < smoothed[-1] < 2.9  # the EMA of loss.png
     info = A.speed(records, A.run_max_steps(run))
     assert info == {"step": 4, "sec_per_step": 0.5, "eta_s": 8.0, "max_steps": 20}
     assert A.format_speed(info) == "step 4 / 20 · 0.500 s/step · ETA 8s"
@@ -291,7 +293,8 @@ def test_checkpoint_listing_with_losses_and_previews(proj):
     other = Path("workspace/exps/logs/other")
     _fake_checkpoint(other, 0, 1)
     assert set(A.list_runs(proj)) == {"demo", "other"}
-    assert A.checkpoint_rows(run) == [["epoch=0-step=2_lora", 2, 0, 2.8], ["epoch=1-step=4_lora", 4, 1, 2.6]]
+    assert A.checkpoint_rows(run) == [["epoch=0-step=2_lora", 2, 0, 2.8, None, ""],
+                                      ["epoch=1-step=4_lora", 4, 1, 2.6, None, ""]]
     assert A.preview_files(run) == [("step 4 / demo_01.wav", str(preview / "demo_01.wav"))]
     lora = A.lora_download(proj, "demo", "epoch=1-step=4_lora", A.DOWNLOAD_KINDS[0])
     assert lora.name == "pytorch_lora_weights.safetensors" and lora.parent.name == "epoch=1-step=4_lora"

@@ -249,6 +249,67 @@ def params_path(out: Path) -> Path:
     return Path(out).with_suffix(".json")
 
 
+# ------------------------------------------------------------------------- the steps
+def check_request(duration: float, settings: SamplerSettings | None, steps: int | None) -> tuple[SamplerSettings, int]:
+    """(sampler settings with ``steps`` applied, latent frames) of a request; ConfigError if bad."""
+    if duration <= 0:
+        raise ConfigError(f"duration must be > 0 seconds (got {duration}); pass e.g. --duration 30")
+    settings = settings or SamplerSettings()
+    if steps is not None:
+        settings = settings.replace(steps=int(steps))
+    settings.validate()
+    n_frames = frames_for_duration(duration)
+    if n_frames < 1:
+        raise ConfigError(
+            f"duration {duration} s is shorter than one latent frame; ask for at least "
+            f"{duration_for_frames(1):.2f} s"
+        )
+    return settings, n_frames
+
+
+def require_checkpoint_root(checkpoint_root: str | Path) -> Path:
+    root = Path(checkpoint_root)
+    if not root.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder '{root}' not found; pass --checkpoint with the ACE-Step-v1-3.5B "
+            f"folder (holding ace_step_transformer/, music_dcae_f8c8/, music_vocoder/, umt5-base/)"
+        )
+    return root
+
+
+def encode_prompt(root: Path, vocab: Path, transformer, prompt: str, lyrics: str, settings: SamplerSettings,
+                  device: torch.device, dtype: torch.dtype) -> tuple[Conditioning, int]:
+    """(the sampler's conditioning, lyric token count) for one prompt; the text encoder is loaded for
+    this and released after."""
+    text_encoder = load_text_encoder(root, device, dtype)
+    tokenizer = load_lyric_tokenizer(vocab)
+    rows = lyric_embedding_rows(root / "ace_step_transformer")
+    if rows is not None:
+        tokenizer.require_fits(rows, root)
+    erg_null = settings.use_erg_tag and settings.use_erg_lyric
+    with torch.no_grad():
+        cond = build_conditioning(
+            text_encoder, tokenizer, [prompt], [lyrics], speaker_dim_of(transformer), device, dtype, erg_null
+        )
+    del text_encoder
+    release()
+    return cond, int(cond.lyric_mask.sum().item())
+
+
+def decode_latents(root: Path, device: torch.device, latents: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+    """(sample rate, [wav [2, n] fp32 CPU]) of latents [1, 8, 16, T] each; the codec is loaded once
+    for all of them and released after."""
+    codec = load_codec(root, device)
+    wavs = []
+    with torch.no_grad():
+        for lat in latents:
+            sr, out = codec.decode_auto(lat.to(device=device, dtype=torch.float32), sr=OUTPUT_SAMPLE_RATE)
+            wavs.append(out[0].detach().float().cpu())
+    del codec
+    release()
+    return int(sr), wavs
+
+
 # ------------------------------------------------------------------------------ generate
 def generate(
     checkpoint_root: str | Path,
@@ -273,24 +334,8 @@ def generate(
     out = Path(out)
     if out.suffix.lower() != ".wav":
         raise ConfigError(f"output '{out}' must be a .wav file; pass e.g. --out song.wav")
-    if duration <= 0:
-        raise ConfigError(f"duration must be > 0 seconds (got {duration}); pass e.g. --duration 30")
-    settings = settings or SamplerSettings()
-    if steps is not None:
-        settings = settings.replace(steps=int(steps))
-    settings.validate()
-    n_frames = frames_for_duration(duration)
-    if n_frames < 1:
-        raise ConfigError(
-            f"duration {duration} s is shorter than one latent frame; ask for at least "
-            f"{duration_for_frames(1):.2f} s"
-        )
-    root = Path(checkpoint_root)
-    if not root.is_dir():
-        raise CheckpointError(
-            f"checkpoint folder '{root}' not found; pass --checkpoint with the ACE-Step-v1-3.5B "
-            f"folder (holding ace_step_transformer/, music_dcae_f8c8/, music_vocoder/, umt5-base/)"
-        )
+    settings, n_frames = check_request(duration, settings, steps)
+    root = require_checkpoint_root(checkpoint_root)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     vocab = find_lyric_vocab(root, lyric_vocab)
@@ -304,19 +349,7 @@ def generate(
     timings["load_transformer_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    text_encoder = load_text_encoder(root, dev, dt)
-    tokenizer = load_lyric_tokenizer(vocab)
-    rows = lyric_embedding_rows(root / "ace_step_transformer")
-    if rows is not None:
-        tokenizer.require_fits(rows, root)
-    erg_null = settings.use_erg_tag and settings.use_erg_lyric
-    with torch.no_grad():
-        cond = build_conditioning(
-            text_encoder, tokenizer, [prompt], [lyrics], speaker_dim_of(transformer), dev, dt, erg_null
-        )
-    n_lyric_tokens = int(cond.lyric_mask.sum().item())
-    del text_encoder
-    release()
+    cond, n_lyric_tokens = encode_prompt(root, vocab, transformer, prompt, lyrics, settings, dev, dt)
     timings["encode_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -328,17 +361,12 @@ def generate(
     release()
 
     t0 = time.perf_counter()
-    codec = load_codec(root, dev)
-    with torch.no_grad():
-        sr, wavs = codec.decode_auto(latents.to(torch.float32), sr=OUTPUT_SAMPLE_RATE)
-    wav = wavs[0].detach().float().cpu()
-    del codec
-    release()
+    sr, (wav,) = decode_latents(root, dev, [latents])
     timings["decode_s"] = time.perf_counter() - t0
 
     from pipeline.audio import save_wav
 
-    save_wav(out, wav, int(sr))
+    save_wav(out, wav, sr)
     timings["total_s"] = time.perf_counter() - t_start
     record = {
         "audio": str(out.resolve()),
@@ -358,8 +386,8 @@ def generate(
         "lora_effective_scale": None if lora_info is None else lora_info.get("effective_scale"),
         "duration_requested_s": float(duration),
         "latent_frames": n_frames,
-        "duration_s": wav.shape[-1] / int(sr),
-        "sample_rate": int(sr),
+        "duration_s": wav.shape[-1] / sr,
+        "sample_rate": sr,
         "channels": int(wav.shape[0]),
         "device": str(dev),
         "dtype": str(dt).replace("torch.", ""),

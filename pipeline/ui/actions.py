@@ -43,7 +43,8 @@ PARAMS = "params.yaml"
 # The stages the Convert button brings up to date (DVC runs ingest and decode first: dependencies).
 ENCODE_STAGES = ("encode-latents", "encode-mert", "encode-mhubert", "encode-text")
 CONVERT_STAGES = ("ingest", "decode", *ENCODE_STAGES)
-LOSS_SERIES = ("loss", "denoise_loss", "mert_loss", "mhubert_loss")
+LOSS_SERIES = ("loss", "denoise_loss", "mert_loss", "mhubert_loss", "val_loss")
+SMOOTHED_LOSS = "loss (smoothed)"
 PREVIEW_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,150}$")
 
@@ -687,18 +688,34 @@ def run_metrics(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def loss_table(records: list[dict[str, Any]]):
-    """Long-format DataFrame (step, value, series) of the losses, for gr.LinePlot."""
+    """Long-format DataFrame (step, value, series) of the losses, for gr.LinePlot: the raw training
+    losses, the training loss smoothed as in loss.png, and the validation loss where it was measured."""
+    from pipeline.metrics import ema
+
+    trained = [r for r in records if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))]
+    smoothed = {SMOOTHED_LOSS: list(zip([r["step"] for r in trained], ema([float(r["loss"]) for r in trained])))}
+    return series_table(records, LOSS_SERIES, smoothed)
+
+
+def series_table(records: list[dict[str, Any]], names: tuple[str, ...], extra: dict[str, list] | None = None):
+    """Long-format DataFrame (step, value, series) of the metrics ``names`` (+ ``extra``: {series:
+    [(step, value)]}), for gr.LinePlot."""
     import pandas as pd
 
     steps, values, series = [], [], []
     for r in records:
         if not isinstance(r.get("step"), int):
             continue
-        for name in LOSS_SERIES:
+        for name in names:
             if isinstance(r.get(name), (int, float)):
                 steps.append(r["step"])
                 values.append(float(r[name]))
                 series.append(name)
+    for name, points in (extra or {}).items():
+        for step, value in points:
+            steps.append(step)
+            values.append(float(value))
+            series.append(name)
     # Typed columns even when empty: the plot fixes its axis types from the first frame it gets.
     return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "value": pd.Series(values, dtype="float64"),
                          "series": pd.Series(series, dtype="object")})
@@ -748,22 +765,81 @@ class CheckpointInfo:
     step: int
     loss: float | None
     path: Path
+    val_loss: float | None = None  # the validation loss at its step, when one ran
+    best: bool = False  # named in best.json
 
 
 def run_checkpoints(folder: str | Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run (oldest first) with the loss logged at their step."""
-    from pipeline.train_state import list_checkpoints, parse_checkpoint_name
+    """Complete checkpoints of a run (oldest first) with the training and validation loss logged at
+    their step, and which one is the best (best.json)."""
+    from pipeline.train_state import list_checkpoints, parse_checkpoint_name, read_best
 
-    losses = {r.get("step"): r.get("loss") for r in run_metrics(folder)}
+    records = {r.get("step"): r for r in run_metrics(folder)}
+    best = read_best(folder)
     found = []
     for path in list_checkpoints(folder):
         epoch, step = parse_checkpoint_name(path.name)
-        found.append(CheckpointInfo(path.name, epoch, step, losses.get(step), path))
+        r = records.get(step, {})
+        found.append(CheckpointInfo(path.name, epoch, step, r.get("loss"), path, r.get("val_loss"),
+                                    best is not None and best["path"] == path))
     return found
 
 
 def checkpoint_rows(folder: str | Path) -> list[list[Any]]:
-    return [[c.name, c.step, c.epoch, None if c.loss is None else round(c.loss, 4)] for c in run_checkpoints(folder)]
+    """The checkpoint table: name, step, epoch, training loss, validation loss, "best"."""
+    def r4(x):
+        return None if x is None else round(x, 4)
+    return [[c.name, c.step, c.epoch, r4(c.loss), r4(c.val_loss), "★ best" if c.best else ""]
+            for c in run_checkpoints(folder)]
+
+
+BEST = "best"  # the compare picker's name for the run's best checkpoint
+
+
+def compare_choices(folder: str | Path) -> list[str]:
+    """What the compare picker offers: every checkpoint, and "best" when the run has one."""
+    found = run_checkpoints(folder)
+    return [c.name for c in found] + ([BEST] if any(c.best for c in found) else [])
+
+
+def compare_checkpoints(proj: ProjectConfig, run: str, picks: list[str], weights: str, prompt: str, lyrics: str,
+                        duration: float = 10.0, steps: int = 27, seed: int = 0) -> tuple[dict, Path, str]:
+    """`aceturbo compare` on the picked checkpoints (names or "best"): (its index.json, the folder,
+    the command and its output)."""
+    from pipeline.train_state import parse_checkpoint_name
+
+    folder = run_dir(proj, run)
+    tokens = []
+    for pick in picks or []:
+        parsed = parse_checkpoint_name(pick)
+        if pick != BEST and parsed is None:
+            raise UIError(f"{pick!r} is not a checkpoint of {run}; refresh the list")
+        tokens.append(BEST if pick == BEST else str(parsed[1]))
+    if not tokens:
+        raise UIError("pick at least one checkpoint to compare")
+    out = folder / "compare" / f"{time.strftime('%Y%m%d-%H%M%S')}_seed{int(seed)}"
+    lyrics_file = ui_dir(proj) / f"compare_lyrics_{uuid.uuid4().hex[:8]}.txt"
+    write_text_atomic(lyrics_file, lyrics or "")
+    argv = aceturbo("compare", *params_option(proj), "--run", str(folder), "--steps", ",".join(tokens),
+                    "--weights", weights or "1.0", "--prompt", prompt or "music", "--lyrics", str(lyrics_file),
+                    "--duration", _num(float(duration)), "--sampling-steps", str(int(steps)), "--seed", str(int(seed)),
+                    "--out", str(out))
+    try:
+        code, text = run_command(argv)
+    finally:
+        lyrics_file.unlink(missing_ok=True)
+    log = f"$ {shown_command(argv)}\n{text}"
+    if code != 0 or not (out / "index.json").is_file():
+        raise UIError(f"compare failed (exit {code}):\n{text.strip()[-2000:]}")
+    return json.loads((out / "index.json").read_text(encoding="utf-8")), out, log
+
+
+def compare_cells(index: dict, folder: str | Path) -> tuple[list[str], list[tuple[float, list[str | None]]]]:
+    """The grid of a compare folder with absolute clip paths: (column labels, [(weight, [path|None])])."""
+    from pipeline.sampling.compare import grid
+
+    labels, rows = grid(index)
+    return labels, [(w, [str(Path(folder, f).resolve()) if f else None for f in files]) for w, files in rows]
 
 
 def preview_files(folder: str | Path) -> list[tuple[str, str]]:

@@ -21,12 +21,16 @@ from pipeline.ui import actions as A  # noqa: E402
 
 PRESETS = ("conservative", "balanced", "aggressive")
 SONG_HEADERS = ["song", "seconds", "status", "files", "problems / warnings"]
-CKPT_HEADERS = ["checkpoint", "step", "epoch", "loss at step"]
+CKPT_HEADERS = ["checkpoint", "step", "epoch", "loss at step", "val loss", "best"]
 # Field groups of the training form, by the first field of each group (TrainConfig's order).
 GROUPS = (("Run", "experiment"), ("LoRA", "rank"), ("Optimiser and schedule", "learning_rate"),
-          ("Objective", "shift"), ("Data", "batch_size"), ("Outputs", "save_every"))
-# Fixed series colours: the plot must know all four series before the first metrics arrive.
-LOSS_COLORS = {"loss": "#1f77b4", "denoise_loss": "#ff7f0e", "mert_loss": "#2ca02c", "mhubert_loss": "#d62728"}
+          ("Objective", "shift"), ("Data", "batch_size"), ("Outputs", "save_every"),
+          ("Validation and early stop", "val_every"))
+# Fixed series colours: the plot must know every series before the first metrics arrive.
+LOSS_COLORS = {"loss": "#aec7e8", A.SMOOTHED_LOSS: "#1f77b4", "denoise_loss": "#ff7f0e", "mert_loss": "#2ca02c",
+               "mhubert_loss": "#d62728", "val_loss": "#000000"}
+# The per-step quality signals (docs/training.md "Quality signals"): each in its own small plot.
+SIGNAL_PLOTS = (("lora_norm", "LoRA weight norm", "#9467bd"), ("update_ratio", "update / weight ratio", "#7f7f7f"))
 CSS = """
 .aceturbo-log textarea { font-family: ui-monospace, monospace; font-size: 12px; }
 .aceturbo-progress progress { width: 100%; height: 18px; }
@@ -133,9 +137,14 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                 train_status = gr.Markdown(elem_id="train-status")
                 with gr.Row():
                     with gr.Column(scale=3):
-                        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Training losses", color_map=LOSS_COLORS,
+                        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="Training loss (raw, smoothed) and validation loss", color_map=LOSS_COLORS,
                                                 x_title="step", y_title="loss", height=300, elem_id="loss-plot")
                         speed_md = gr.Markdown(elem_id="train-speed")
+                        with gr.Row():
+                            signal_plots = [gr.LinePlot(x="step", y="value", color="series", title=title,
+                                                        color_map={name: color}, x_title="step", y_title=name,
+                                                        height=200, elem_id=f"plot-{name}")
+                                            for name, title, color in SIGNAL_PLOTS]
                     with gr.Column(scale=2):
                         train_log = gr.Textbox(label="Training log (workspace/ui/logs/<experiment>.log)", lines=14,
                                                max_lines=14, autoscroll=True, elem_classes=["aceturbo-log"],
@@ -158,8 +167,10 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                 with gr.Row():
                     run_pick = gr.Dropdown(label="Run", choices=[], elem_id="run-pick")
                     refresh_runs = gr.Button("Refresh", size="sm", elem_id="refresh-runs")
-                ckpt_table = gr.Dataframe(headers=CKPT_HEADERS, datatype=["str", "number", "number", "number"],
+                ckpt_table = gr.Dataframe(headers=CKPT_HEADERS, datatype=["str", "number", "number", "number", "number", "str"],
                                           interactive=False, label="Checkpoints", elem_id="ckpt-table")
+                gr.Markdown("★ best: the lowest validation loss (named in the run's best.json); it is kept whatever "
+                            "keep_last says.")
                 with gr.Row():
                     with gr.Column():
                         ckpt_pick = gr.Dropdown(label="Checkpoint", choices=[], elem_id="ckpt-pick")
@@ -179,6 +190,31 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                         gen_btn = gr.Button("Generate a sample with this checkpoint", variant="primary", elem_id="generate")
                         gen_audio = gr.Audio(label="Sample", type="filepath", interactive=False, elem_id="gen-audio")
                         gen_log = gr.Textbox(label="generate output", lines=4, elem_classes=["aceturbo-log"], elem_id="gen-log")
+                with gr.Accordion("Compare checkpoints by ear (`aceturbo compare`)", open=True):
+                    gr.Markdown("One clip per checkpoint and LoRA weight, plus the base model without LoRA, all "
+                                "with the prompt, lyrics, seconds, steps and seed above (same seed, same noise).")
+                    with gr.Row():
+                        cmp_pick = gr.Dropdown(label="Checkpoints", choices=[], multiselect=True, elem_id="cmp-pick")
+                        cmp_weights = gr.Textbox(label="LoRA weights", value="0.5, 1.0", elem_id="cmp-weights")
+                        cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare")
+                    cmp_log = gr.Textbox(label="compare output", lines=3, elem_classes=["aceturbo-log"], elem_id="cmp-log")
+                    cmp_grid = gr.State(None)  # (folder, index) of the last comparison
+
+                    @gr.render(inputs=cmp_grid)
+                    def show_grid(shown):
+                        if not shown:
+                            return
+                        folder, index = shown
+                        labels, rows = A.compare_cells(index, folder)
+                        for weight, files in rows:
+                            with gr.Row():
+                                with gr.Column(scale=0, min_width=110):
+                                    gr.Markdown(f"**weight {weight:g}**")
+                                for label, path in zip(labels, files):
+                                    if path:
+                                        gr.Audio(value=path, label=label, type="filepath", interactive=False)
+                                    else:
+                                        gr.Markdown("")
 
         timer = gr.Timer(poll_seconds)
         seen = gr.State({})
@@ -329,17 +365,30 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
             return gr.update(choices=runs, value=pick)
 
         def show_run(run):
+            empty = gr.update(choices=[], value=None)
             if not run:
-                return [], gr.update(choices=[], value=None), gr.update(choices=[], value=None)
+                return [], empty, empty, empty
             try:
                 folder = A.run_dir(proj(), run)
             except AceTurboError:
-                return [], gr.update(choices=[], value=None), gr.update(choices=[], value=None)
+                return [], empty, empty, empty
             rows = A.checkpoint_rows(folder)
             names = [r[0] for r in rows]
             previews = A.preview_files(folder)
+            choices = A.compare_choices(folder)
             return (rows, gr.update(choices=names, value=names[-1] if names else None),
-                    gr.update(choices=previews, value=previews[-1][1] if previews else None))
+                    gr.update(choices=previews, value=previews[-1][1] if previews else None),
+                    gr.update(choices=choices, value=[c for c in choices if c == A.BEST] or names[-1:]))
+
+        def do_compare(run, picks, weights, prompt, lyrics, duration, steps, seed):
+            try:
+                if not run:
+                    raise A.UIError("pick a run first")
+                index, folder, log = A.compare_checkpoints(proj(), run, picks or [], weights, prompt, lyrics,
+                                                           duration or 10, steps or 27, seed or 0)
+                return (str(folder), index), log
+            except AceTurboError as exc:
+                return None, _err(exc)
 
         def do_generate(run, ckpt, prompt, lyrics, duration, steps, seed):
             try:
@@ -361,8 +410,10 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
 
         app.load(runs_update, outputs=run_pick)
         refresh_runs.click(runs_update, inputs=run_pick, outputs=run_pick).then(
-            show_run, inputs=run_pick, outputs=[ckpt_table, ckpt_pick, preview_pick])
-        run_pick.change(show_run, inputs=run_pick, outputs=[ckpt_table, ckpt_pick, preview_pick])
+            show_run, inputs=run_pick, outputs=[ckpt_table, ckpt_pick, preview_pick, cmp_pick])
+        run_pick.change(show_run, inputs=run_pick, outputs=[ckpt_table, ckpt_pick, preview_pick, cmp_pick])
+        cmp_btn.click(do_compare, [run_pick, cmp_pick, cmp_weights, gen_prompt, gen_lyrics, gen_duration, gen_steps,
+                                   gen_seed], [cmp_grid, cmp_log])
         preview_pick.change(lambda p: p or None, inputs=preview_pick, outputs=preview_audio)
         gen_btn.click(do_generate, [run_pick, ckpt_pick, gen_prompt, gen_lyrics, gen_duration, gen_steps, gen_seed],
                       [gen_audio, gen_log])
@@ -408,8 +459,9 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                 records = A.run_metrics(folder)
                 # No empty frame: the plot's first data fixes its series (an empty one draws no lines).
                 out += [A.loss_table(records) if records else gr.skip(), A.format_speed(A.speed(records, max_steps))]
+                out += [A.series_table(records, (name,)) if records else gr.skip() for name, _, _ in SIGNAL_PLOTS]
             else:
-                out += [gr.skip(), gr.skip()]
+                out += [gr.skip()] * (2 + len(SIGNAL_PLOTS))
             log_path = Path(tjob.log) if tjob else A.train_log_path(p, folder.name)
             ltext = A.tail(log_path, 80)
             lkey = (str(log_path), len(ltext), ltext[-200:])
@@ -426,8 +478,8 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
             return [state, *out]
 
         timer.tick(poll, inputs=[seen, preset, experiment_box],
-                   outputs=[seen, convert_status, convert_bar, convert_log, loss_plot, speed_md, train_log,
-                            train_status])
+                   outputs=[seen, convert_status, convert_bar, convert_log, loss_plot, speed_md, *signal_plots,
+                            train_log, train_status])
     return app
 
 
