@@ -8,6 +8,7 @@ to it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,21 @@ class ModelsConfig:
 
     def paths(self) -> CheckpointPaths:
         return CheckpointPaths(Path(self.acestep), Path(self.mert), Path(self.mhubert))
+
+    def found_in(self, root: str | Path) -> "ModelsConfig":
+        """A relative path that does not exist here but does under ``root`` is read from there.
+
+        For `dvc exp run --queue`: DVC runs a queued experiment in a temporary copy of the
+        repository (.dvc/tmp/exps/...) holding only what git and the DVC cache hold, and sets
+        DVC_ROOT to the original repository. Model folders are machine-local, read-only inputs of
+        many GB (their identity is checked by the encoder fingerprints), so they are read from the
+        original repository rather than copied into every queued run."""
+        changes = {}
+        for item in dataclasses.fields(self):
+            path = Path(getattr(self, item.name))
+            if not path.is_absolute() and not path.exists() and (Path(root) / path).exists():
+                changes[item.name] = str(Path(root) / path)
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -143,6 +159,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> ProjectConfig:
         if not isinstance(raw.get(name) or {}, dict):
             raise ConfigError(f"{path} → {name} must be a mapping of settings, not {raw[name]!r}")
     built = {name: _fill(cls, raw.get(name) or {}, f"{path} → {name}") for name, cls in sections.items()}
+    if os.environ.get("DVC_ROOT"):  # set by DVC for every stage it runs; see ModelsConfig.found_in
+        built["models"] = built["models"].found_in(os.environ["DVC_ROOT"])
     return ProjectConfig(**built, train=dict(raw.get("train") or {}), source=str(path))
 
 

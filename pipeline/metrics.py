@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.fileio import atomic_output, write_bytes_atomic
+from pipeline.fileio import atomic_output, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 # Fields of every metrics.jsonl record, in order.
 FIELDS = ("step", "epoch", "loss", "denoise_loss", "mert_loss", "mhubert_loss", "lr", "grad_norm",
@@ -168,3 +168,54 @@ def _tensorboard_writer(folder: Path):
     except Exception:  # ImportError, or a broken tensorboard install: metrics.jsonl still works
         return None
     return SummaryWriter(log_dir=str(folder))
+
+
+# ------------------------------------------------------------------ DVC's view of a finished run
+# dvc.yaml's train stage writes these two files into one fixed folder (so `dvc exp show` gives every
+# experiment the same columns and `dvc plots diff` overlays the runs) and its top-level `plots:` draw them.
+DVC_METRICS = "train.json"
+DVC_PLOTS = "train_steps.json"
+# Columns of train_steps.json. DVC treats a list as plot data only when every row has the same keys, and a
+# plot naming a missing column fails: so val_loss is always there (null without a validation set).
+PLOT_FIELDS = ("loss", "denoise_loss", "mert_loss", "mhubert_loss", "val_loss", "lr")
+
+
+def run_metrics(summary: dict[str, Any], records: list[dict[str, Any]], **measured: Any) -> dict[str, Any]:
+    """A run's numbers as one flat mapping (each key becomes a `dvc exp show` column): steps, the final
+    loss (raw, and smoothed as in loss.png), the best loss and its step (validation loss when the
+    records have it, else the smoothed training loss), speed, ``measured`` (peak memory, samples/s) and
+    the checkpoint. Keys the trainer's summary adds under best_* / val_* are passed through."""
+    losses = [r for r in records if _finite(r.get("loss"))]
+    smoothed = _ema([r["loss"] for r in losses])
+    val = [r for r in records if _finite(r.get("val_loss"))]
+    out: dict[str, Any] = {"steps": summary.get("step")}
+    if losses:
+        out.update(loss=losses[-1]["loss"], loss_smoothed=smoothed[-1])
+    if val:
+        out["val_loss"] = val[-1]["val_loss"]
+    scored = [(r["val_loss"], r["step"]) for r in val] or list(zip(smoothed, (r["step"] for r in losses)))
+    if scored:
+        out["best_loss"], out["best_step"] = min(scored)
+    out.update(sec_per_step=summary.get("sec_per_step"), **measured, checkpoint=summary.get("checkpoint"))
+    out.update({k: v for k, v in summary.items()
+                if k.startswith(("best_", "val_")) and isinstance(v, (str, int, float))})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def write_dvc_files(folder: str | Path, summary: dict[str, Any], records: list[dict[str, Any]],
+                    **measured: Any) -> tuple[Path, Path]:
+    """Write ``folder``/train.json (run_metrics) and ``folder``/train_steps.json (one row per step:
+    PLOT_FIELDS and any other val_* field, null where a step has none) atomically; return both paths."""
+    folder = Path(folder)
+    columns = list(PLOT_FIELDS) + sorted({k for r in records for k in r if k.startswith("val_")} - set(PLOT_FIELDS))
+    rows = [{"step": r["step"], **{k: r[k] if _finite(r.get(k)) else None for k in columns}}
+            for r in records if "step" in r]
+    metrics_path, plots_path = folder / DVC_METRICS, folder / DVC_PLOTS
+    write_json_atomic(metrics_path, run_metrics(summary, records, **measured))
+    # one row per line: thousands of steps stay a readable file
+    write_text_atomic(plots_path, "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    return metrics_path, plots_path
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

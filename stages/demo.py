@@ -1,9 +1,10 @@
 """`aceturbo demo`: the whole pipeline on built-in demo songs and a tiny random-weight checkpoint.
 
 What it does, in order: writes a few synthetic song triplets into the data folder (only when it
-holds no audio yet), builds the tiny RANDOM-weight checkpoint the demo params point at, runs
-`dvc repro` (ingest → decode → encode × 4 → train), then generates a short sample with the trained
-LoRA. It is for trying the pipeline; its audio is noise.
+holds no audio yet), builds the tiny RANDOM-weight checkpoint the demo params point at, tracks the
+data folder with `dvc add` (README "Experiments": dataset versions, queued experiments, remotes),
+runs `dvc repro` (ingest → decode → encode × 4 → train), then generates a short sample with the
+trained LoRA. It is for trying the pipeline; its audio is noise.
 """
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def _dvc(*args: str) -> None:
     result = subprocess.run([sys.executable, "-m", "dvc", *args], env=env)
     if result.returncode != 0:
         raise AceTurboError(f"`dvc {' '.join(args)}` failed (exit {result.returncode}); see its output above")
+
+
+def track_data(data: Path) -> None:
+    """`dvc add` the data folder once (DATA.dvc beside it), so dataset versions are git commits,
+    `dvc checkout` restores any of them and queued experiments find the songs in their copy of the
+    repository. `dvc repro` keeps DATA.dvc up to date after later edits."""
+    pointer = data.with_name(data.name + ".dvc")
+    if pointer.exists():
+        return
+    if data.resolve().is_relative_to(Path.cwd().resolve()):
+        _dvc("add", "-q", str(data))
+        click.echo(f"DVC tracks {data} ({pointer}): commit it with git to version the dataset")
+    else:
+        click.echo(f"note: {data} is outside this repository, so DVC does not version it")
 
 
 @click.command("demo")
@@ -54,6 +69,7 @@ def cli(params_file: str, songs: int, seconds: float, no_sample: bool):
         click.echo(f"params.yaml points at {project.models.acestep}: using those models, not the demo checkpoint")
     if not Path(".dvc").is_dir():
         _dvc("init", "--no-scm", "-q")
+    track_data(data)
     _dvc("repro")
     run_dir = Path(project.paths.exps) / str(project.train.get("experiment", "demo"))
     checkpoints = sorted((run_dir / "checkpoints").glob("epoch=*-step=*_lora"),

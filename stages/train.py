@@ -64,8 +64,11 @@ def _show(value: Any) -> str:
                    "Ctrl-C, and otherwise starts a new run (the old folder is set aside).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Feature cache folder or fsspec URL [default: params.yaml paths.feature_store, else <paths.cache>/features].")
+@click.option("--dvc-dir", type=click.Path(file_okay=False), default=None,
+              help="Also write train.json (final/best loss, speed, peak memory, checkpoints) and train_steps.json "
+                   "(per-step losses, lr) here for `dvc metrics/plots/exp show` (dvc.yaml's train stage sets it).")
 @_config_options
-def cli(presets, sweep, params_path, resume, cache_dir, **options):
+def cli(presets, sweep, params_path, resume, cache_dir, dvc_dir, **options):
     """Train a LoRA on the cached features (or --live) and write checkpoints, metrics.jsonl, loss.png."""
     from pipeline.config import load_params
 
@@ -74,6 +77,9 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
     configs = plan_runs(project.train, options, presets, sweep)
     if resume and len(configs) > 1 and resume not in ("latest", "auto"):
         raise ConfigError("--resume PATH needs a single run; with several presets/sweep runs use --resume latest.")
+    if dvc_dir and len(configs) > 1:
+        raise ConfigError("--dvc-dir describes one run; train several presets/sweep runs without it, or queue "
+                          "them as DVC experiments (dvc exp run --queue -S train.preset=...).")
     from pipeline import distributed
 
     try:
@@ -81,7 +87,7 @@ def cli(presets, sweep, params_path, resume, cache_dir, **options):
         for i, config in enumerate(configs, 1):
             if len(configs) > 1:
                 click.echo(f"=== run {i}/{len(configs)}: {config.run_name} (preset {config.preset}) ===")
-            summary = run_one(config, project, resume=resume, cache_dir=cache_dir)
+            summary = run_one(config, project, resume=resume, cache_dir=cache_dir, dvc_dir=dvc_dir)
             from pipeline.train import FINISHED
 
             if summary["stopped"] not in FINISHED:
@@ -146,8 +152,10 @@ def read_sweep(path: str | Path) -> list[dict]:
     return data
 
 
-def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: str | None = None) -> dict:
-    """Train one config: batch source + transformer + train(); returns the summary."""
+def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: str | None = None,
+            dvc_dir: str | None = None) -> dict:
+    """Train one config: batch source + transformer + train(); returns the summary. With ``dvc_dir``
+    a completed run also writes DVC's metrics and plots files there (pipeline.metrics.write_dvc_files)."""
     import torch
 
     from pipeline import distributed
@@ -190,7 +198,27 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         if summary["best_step"] is not None:
             click.echo(f"best: val_loss {summary['best_val_loss']:.5f} at step {summary['best_step']} → "
                        f"{summary['best_checkpoint']} (named in best.json; {summary['val_seconds']:.2f} s per validation)")
+        if dvc_dir:
+            from pipeline.metrics import read_metrics, write_dvc_files
+
+            paths = write_dvc_files(dvc_dir, summary, read_metrics(run_dir / "metrics.jsonl"),
+                                    **measured_resources(config, summary, device, rank.world_size))
+            click.echo(f"DVC metrics: {paths[0]}, plots: {paths[1]}")
     return summary
+
+
+def measured_resources(config: TrainConfig, summary: dict, device, world_size: int = 1) -> dict:
+    """samples/s over the steady steps and this process's peak memory (RSS; GPU allocations on CUDA)."""
+    import torch
+
+    from pipeline.bench import peak_rss_mb
+
+    samples = config.batch_size * config.grad_accumulation * world_size
+    out = {"samples_per_s": samples / summary["sec_per_step"] if summary.get("sec_per_step") else None,
+           "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 DATA_STAMP = "data_stamp.txt"

@@ -30,10 +30,16 @@ def _project_copy(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
-def _repro(cwd: Path) -> list[str]:
+def _dvc_env() -> dict[str, str]:
+    """dvc (and the `aceturbo` its stages call) from this environment, analytics off."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=cwd, env=env, capture_output=True, text=True)
+    return env
+
+
+def _repro(cwd: Path) -> list[str]:
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=cwd, env=_dvc_env(), capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return re.findall(r"Running stage '([\w-]+)'", result.stdout)
 
