@@ -186,7 +186,7 @@ def run_metrics(summary: dict[str, Any], records: list[dict[str, Any]], **measur
     records have it, else the smoothed training loss), speed, ``measured`` (peak memory, samples/s) and
     the checkpoint. Keys the trainer's summary adds under best_* / val_* are passed through."""
     losses = [r for r in records if _finite(r.get("loss"))]
-    smoothed = _ema([r["loss"] for r in losses])
+    smoothed = ema([r["loss"] for r in losses])
     val = [r for r in records if _finite(r.get("val_loss"))]
     out: dict[str, Any] = {"steps": summary.get("step")}
     if losses:
