@@ -2,8 +2,9 @@
 
 ``preflight`` checks, before a run folder is touched, what can be known without training: the
 transformer's files are whole (from the safetensors headers), every LoRA target names layers of
-this transformer and the rank fits them (on a weightless "meta" copy of the model: no memory, a
-fraction of a second), and the training window holds at least one latent patch. ``explain_failures``
+this transformer (on a weightless "meta" copy of the model: no memory, a fraction of a second), the
+weights and a LoRA of this rank with its optimizer state can fit in the device's free memory, and
+the training window holds at least one latent patch. ``explain_failures``
 turns running out of memory or disk during a run into one line that says what to lower or free and
 which checkpoint is intact.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +30,7 @@ from pipeline.train_config import TrainConfig
 
 
 # ------------------------------------------------------------------ before the run folder is touched
-def preflight(config: TrainConfig, transformer_dir: str | Path) -> None:
+def preflight(config: TrainConfig, transformer_dir: str | Path, device: torch.device) -> None:
     """Raise the one-line error a start would otherwise meet later (after moving the previous run
     aside, or after minutes of loading)."""
     folder = Path(transformer_dir)
@@ -36,7 +38,10 @@ def preflight(config: TrainConfig, transformer_dir: str | Path) -> None:
     for weights in sorted(folder.glob("*.safetensors")):
         verify_safetensors(weights, "acestep")
     check_window(config, model_config)
-    check_lora_targets(config, lora_target_layers(model_config, config.target_modules))
+    model = meta_transformer(model_config)
+    layers = lora_target_layers(model, config.target_modules)
+    check_lora_targets(config, layers)
+    check_memory(config, layers, sum(p.numel() for p in model.parameters()), device)
 
 
 def transformer_config(folder: Path) -> dict:
@@ -60,20 +65,25 @@ def check_window(config: TrainConfig, model_config: dict) -> None:
                           "(official 240).")
 
 
-def lora_target_layers(model_config: dict, targets: list[str]) -> dict[str, list[tuple[str, torch.nn.Module]]]:
-    """{target: [(module name, module), ...]} as peft matches them (the name, or a name ending in
-    ".target"), on the transformer built on the meta device: its module tree without any weight."""
+def meta_transformer(model_config: dict) -> torch.nn.Module:
+    """The transformer built on the meta device: its module tree and shapes, without any weight."""
     from pipeline.models.transformer import ACEStepTransformer2DModel
 
     with torch.device("meta"):
-        model = ACEStepTransformer2DModel.from_config(model_config)
+        return ACEStepTransformer2DModel.from_config(model_config)
+
+
+def lora_target_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, list[tuple[str, torch.nn.Module]]]:
+    """{target: [(module name, module), ...]} as peft matches them (the name, or a name ending in
+    ".target")."""
     modules = list(model.named_modules())
     return {t: [(name, m) for name, m in modules if name == t or name.endswith("." + t)] for t in targets}
 
 
 def check_lora_targets(config: TrainConfig, layers: dict[str, list[tuple[str, torch.nn.Module]]]) -> None:
-    """Every target names at least one layer peft can adapt, and the rank is at most
-    min(in, out) of each (a larger rank only adds zeros to train, and memory)."""
+    """Every target names at least one layer peft can adapt. A rank above min(in, out) of a layer
+    is allowed (the tiny demo model trains the real presets' ranks) but trains nothing more than
+    min(in, out) would, at the cost of memory: a warning says so."""
     adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
     for target, found in layers.items():
         if not found:
@@ -84,12 +94,48 @@ def check_lora_targets(config: TrainConfig, layers: dict[str, list[tuple[str, to
             raise ConfigError(f"train setting 'target_modules': '{target}' names {blocks[0]}, a "
                               f"{type(dict(found)[blocks[0]]).__name__} block, not a layer; name its layers "
                               "(e.g. to_q, to_k, to_v).")
-        for name, m in found:
-            if isinstance(m, torch.nn.Linear) and config.rank > min(m.in_features, m.out_features):
-                most = min(m.in_features, m.out_features)
-                raise ConfigError(f"train setting 'rank' {config.rank} is more than layer {name} allows "
-                                  f"({m.in_features}→{m.out_features}: at most {most}); use rank ≤ {most} "
-                                  f"or drop '{target}' from target_modules.")
+    linears = [(n, m) for found in layers.values() for n, m in found if isinstance(m, torch.nn.Linear)]
+    narrow = [(n, m) for n, m in linears if config.rank > min(m.in_features, m.out_features)]
+    if narrow:
+        name, m = min(narrow, key=lambda nm: min(nm[1].in_features, nm[1].out_features))
+        warnings.warn(f"rank {config.rank} is more than {len(narrow)} of the {len(linears)} target layers can use "
+                      f"(e.g. {name}: {m.in_features}→{m.out_features}, at most {min(m.in_features, m.out_features)}): "
+                      "the extra rank trains nothing and costs memory.", stacklevel=2)
+
+
+def check_memory(config: TrainConfig, layers: dict[str, list[tuple[str, torch.nn.Module]]], model_params: int,
+                 device: torch.device, free: int | None = None) -> None:
+    """Refuse a rank whose LoRA cannot fit, before anything is allocated: the transformer's weights
+    plus the LoRA with its gradient and two AdamW moments, in the training precision, against the
+    memory free on the device (a lower bound: activations come on top). ``free`` for tests."""
+    size = 2 if config.precision == "bf16-true" else 4
+    widths = sum(m.in_features + m.out_features for found in layers.values() for _, m in found
+                 if isinstance(m, torch.nn.Linear))
+    per_rank = 4 * widths * size  # weight, gradient, exp_avg, exp_avg_sq
+    model = model_params * size
+    free = _free_memory(device) if free is None else free
+    if free is None or not per_rank or model + config.rank * per_rank <= free:
+        return
+    fits = (free - model) // per_rank
+    hint = f"use rank ≤ {fits}" if fits >= 1 else "the transformer alone does not fit: use precision bf16-true or a larger device"
+    raise MemoryLimitError(
+        f"train setting 'rank' {config.rank} needs at least {(config.rank * per_rank) / 1e9:.1f} GB for the LoRA, its "
+        f"gradients and AdamW state (+ {model / 1e9:.1f} GB for the transformer) but {device} has "
+        f"{free / 1e9:.1f} GB free; {hint}.")
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get: free GPU memory, or the kernel's MemAvailable (free
+    pages plus the page cache it can drop; "free" alone would refuse runs on a busy file server)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (ValueError, OSError, RuntimeError, IndexError):
+        pass
+    return None
 
 
 # ------------------------------------------------------------------ during the run
@@ -145,5 +191,5 @@ def _memory_message(exc: BaseException, config: TrainConfig, during: str, run_di
     return f"out of {where} memory while {during}{size}: {fix}; {_kept(run_dir)}."
 
 
-__all__ = ["preflight", "transformer_config", "check_window", "lora_target_layers", "check_lora_targets",
+__all__ = ["preflight", "transformer_config", "check_window", "meta_transformer", "lora_target_layers", "check_lora_targets", "check_memory",
            "is_out_of_memory", "explain_failures"]

@@ -12,13 +12,13 @@ import gc
 import json
 import sys
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, LockHeldError
 from pipeline.fileio import disk_full_guard, write_json_atomic, write_text_atomic
 from pipeline.train_config import TrainConfig, build_config, fields_help
 
@@ -157,7 +157,6 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     import torch
 
     from pipeline import distributed
-    from pipeline.locks import run_lock
     from pipeline.train import load_transformer_for_training, train
     from pipeline.train_guard import explain_failures, preflight
     from pipeline.train_state import clean_leftovers, resolve_resume
@@ -165,7 +164,7 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     device = distributed.resolve_device(config.device)  # `cuda` without a GPU: one line
     rank = distributed.init(device)
     run_dir = Path(project.paths.exps) / config.run_name
-    with (run_lock(run_dir) if rank.is_main else nullcontext()) as lock:  # DDP: rank 0 holds it
+    with hold_run_lock(run_dir, rank, device) as lock:
         if lock is not None:
             if lock.took_over:
                 click.echo(f"note: took over the lock of experiment '{config.run_name}' from "
@@ -174,7 +173,7 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
                 click.echo(f"note: {run_dir.name}: {note}", err=True)
         distributed.barrier()  # leftovers are cleared before any rank reads the folder
         transformer_dir = project.models.paths().require("ace_step_transformer")
-        preflight(config, transformer_dir)
+        preflight(config, transformer_dir, device)
         stamp = data_stamp(config, project, cache_dir)
         if resume == "auto":
             resume = "latest" if can_continue(run_dir, config, stamp) else None
@@ -214,6 +213,28 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         click.echo(f"done: {summary['step']} steps, last loss {summary['last_loss']}{speed}; "
                    f"LoRA in {summary['checkpoint']}")
     return summary
+
+
+@contextmanager
+def hold_run_lock(run_dir: Path, rank, device):
+    """The run folder's lock (pipeline.locks), held by rank 0 for the whole run (None on the other
+    ranks). When rank 0 cannot have it every rank stops with one line, not at the next collective."""
+    from pipeline import distributed
+    from pipeline.locks import run_lock
+
+    lock, refused = (run_lock(run_dir) if rank.is_main else None), None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except LockHeldError as exc:
+            refused = exc
+    if distributed.any_rank(refused is not None, device):
+        raise refused or LockHeldError(f"rank 0 could not lock {run_dir}: another training uses that experiment.")
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 DATA_STAMP = "data_stamp.txt"
