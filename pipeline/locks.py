@@ -191,8 +191,8 @@ def run_lock(run_dir: str | Path) -> OwnerLock:
     """The lock a training holds on its run folder from before it touches the folder to its end."""
     name = Path(run_dir).name
     return OwnerLock(run_lock_path(run_dir), f"experiment '{name}' ({run_dir})",
-                     hint=f"wait for that training to finish or stop it (kill -TERM saves a checkpoint), "
-                          f"or train under another --experiment name")
+                     hint="wait for that training to finish or stop it (kill -TERM saves a checkpoint), "
+                          "or train under another --experiment name")
 
 
 def held_run_locks(exps_dir: str | Path) -> dict[str, Owner]:

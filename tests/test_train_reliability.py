@@ -19,14 +19,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, DiskFullError
+from pipeline.errors import ConfigError
 from pipeline.locks import held_run_locks, run_lock_path
 from pipeline.metrics import read_metrics
 from pipeline.train_state import LORA_FILE, STATE_FILE, clean_leftovers, list_checkpoints
@@ -57,7 +56,7 @@ def lock_holder(run_dir: Path):
 
 
 def _run(params, *args):
-    """`aceturbo train --params P ARGS` in this process; (exit status, stderr lines)."""
+    """`aceturbo train --params P ARGS` in this process; its exit status."""
     from stages.cli import main
 
     try:
@@ -88,7 +87,7 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_folder(project, capsys
             capsys.readouterr()
             assert _run(params, "--max-steps", "4", *extra) == 1
             line = _one_error_line(capsys.readouterr().err)
-            assert f"experiment 'cli'" in line and f"in use by pid {other.pid} on host " in line
+            assert "experiment 'cli'" in line and f"in use by pid {other.pid} on host " in line
         assert _tree(run) == before  # nothing moved aside, pruned or written
         assert not list(run.parent.glob("cli.*"))
     # the holder died (kill -9): its lock is taken over, with a note, and training continues
