@@ -138,3 +138,30 @@ def lyric_embedding_rows(transformer_dir: str | Path) -> int | None:
     except (OSError, ValueError):
         return None
     return int(config.get("lyric_encoder_vocab_size", 6693))  # 6693: the released model (spec §1.1)
+
+
+def verify_safetensors(path: str | Path, hint_key: str = "acestep") -> Path:
+    """Check, from its header alone, that a .safetensors file is whole: a readable header whose
+    tensors end exactly at the file's end. CheckpointError naming the file when it is truncated or
+    not a safetensors file (an interrupted download or copy), instead of the loader's error chain
+    after minutes of loading."""
+    import json
+    import struct
+
+    path = Path(path)
+    hint = DOWNLOAD_HINTS.get(hint_key, hint_key)
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(size - 8, 100_000_000):
+                raise ValueError
+            header = json.loads(f.read(header_len))
+        end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+    except (struct.error, ValueError, TypeError, KeyError, IndexError):
+        raise CheckpointError(f"{path} is not a readable safetensors file (damaged or an interrupted download); "
+                              f"re-download {hint}.") from None
+    if 8 + header_len + end != size:
+        raise CheckpointError(f"{path} is truncated or damaged ({size} bytes, its header says "
+                              f"{8 + header_len + end}); re-download {hint}.")
+    return path

@@ -123,11 +123,24 @@ class EncodeConfig:
 
 
 @dataclass
+class UIConfig:
+    # Largest file the web UI accepts in one upload (audio, text or ZIP), in MB: bigger ones are
+    # refused with a message instead of landing in the data folder. Copy big datasets in directly.
+    max_upload_mb: float = 500.0
+
+    def __post_init__(self):
+        if isinstance(self.max_upload_mb, bool) or not isinstance(self.max_upload_mb, (int, float)) \
+                or not self.max_upload_mb > 0:
+            raise ConfigError(f"ui.max_upload_mb must be a number of MB > 0, not {self.max_upload_mb!r}")
+
+
+@dataclass
 class ProjectConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
     train: dict[str, Any] = field(default_factory=dict)  # -> TrainConfig.from_params
     source: str = str(DEFAULT_PARAMS)  # the params file these settings were read from
 
@@ -150,8 +163,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> ProjectConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a mapping of sections (paths, models, ingest, encode, train)")
-    sections = {"paths": PathsConfig, "models": ModelsConfig, "ingest": IngestConfig, "encode": EncodeConfig}
+        raise ConfigError(f"{path} must be a mapping of sections (paths, models, ingest, encode, ui, train)")
+    sections = {"paths": PathsConfig, "models": ModelsConfig, "ingest": IngestConfig, "encode": EncodeConfig,
+                "ui": UIConfig}
     unknown = sorted(set(raw) - set(sections) - {"train"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")

@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -46,14 +48,26 @@ def info() -> DistInfo:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → this process's GPU (cuda:LOCAL_RANK) if CUDA is present, else the CPU."""
+    """``auto`` → this process's GPU (cuda:LOCAL_RANK) if CUDA is present, else the CPU. ``cuda`` or
+    ``cuda:N`` without CUDA, or N beyond the GPUs there are, is a ConfigError (one line), not the
+    traceback torch would give at the first tensor moved there."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", env_info().local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", env_info().local_rank % max(1, torch.cuda.device_count()))
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise ConfigError(f"device '{name}' asked for, but CUDA is not available here (torch {torch.__version__} "
+                          f"{build}, no usable GPU); use --device cpu or auto.")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        device = torch.device("cuda", env_info().local_rank % count)
+    elif device.index >= count:
+        raise ConfigError(f"device '{name}' asked for, but this machine has {count} GPU(s) "
+                          f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); pick one of them or use auto.")
     return device
 
 

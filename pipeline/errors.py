@@ -37,3 +37,12 @@ class ConfigError(AceTurboError):
 
 class DiskFullError(AceTurboError):
     """A write ran out of disk space (or quota); what was published before is intact."""
+
+
+class LockHeldError(AceTurboError):
+    """Another live process holds the lock of what this command would write (a run folder)."""
+
+
+class MemoryLimitError(AceTurboError):
+    """The model, its LoRA or a training step did not fit in GPU/CPU memory; the message names the
+    settings to lower."""

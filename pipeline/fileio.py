@@ -125,14 +125,47 @@ def _human(nbytes: int) -> str:
     return f"{nbytes:.1f} GB"
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True for an out-of-space / out-of-quota error anywhere in the exception's chain."""
+# Writers that report a full disk only in their message: safetensors ("I/O error: No space left on
+# device (os error 28)") and zarr/fsspec chains that lost the errno.
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+# torch.save's C++ writer says only "[enforce fail at inline_container.cc:672] . unexpected pos 576
+# vs 534" (context: "basic_ios::clear: iostream error"), with no errno: a write failure that is a
+# full disk only if the disk is (nearly) full afterwards.
+_WRITER_FAILURE_TEXT = ("inline_container.cc", "PytorchStreamWriter", "iostream error")
+_NEARLY_FULL = 1 << 20  # 1 MiB: less than that free after a failed write counts as full
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space of the filesystem that holds ``path`` (or would: its nearest existing folder)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(exc: BaseException, path: str | Path | None = None, needed_bytes: int | None = None) -> bool:
+    """True for an out-of-space / out-of-quota error anywhere in the exception's chain. With
+    ``path`` (what was being written) a writer failure that carries no errno (torch.save) counts
+    too when the disk there has less than ``needed_bytes`` (default 1 MiB) left."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+    if path is not None and any(t in str(e) for e in _chain(exc) for t in _WRITER_FAILURE_TEXT):
+        free = free_bytes(path)
+        return free is not None and free < max(needed_bytes or 0, _NEARLY_FULL)
     return False
 
 
@@ -145,13 +178,10 @@ def disk_full_guard(path: str | Path, needed_bytes: int | None = None, kept: str
     except DiskFullError:
         raise
     except Exception as exc:
-        if not is_disk_full(exc):
+        if not is_disk_full(exc, path, needed_bytes):
             raise
-        folder = Path(path).parent
-        try:
-            free = f"{_human(shutil.disk_usage(folder).free)} free"
-        except OSError:
-            free = "free space unknown"
+        free_now = free_bytes(path)
+        free = "free space unknown" if free_now is None else f"{_human(free_now)} free"
         need = f"about {_human(needed_bytes)} needed, " if needed_bytes else ""
         tail = f"; {kept}" if kept else ""
         raise DiskFullError(f"disk full while writing {path} ({need}{free}): free some space and run the "

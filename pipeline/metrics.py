@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.fileio import atomic_output, write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.fileio import atomic_output, disk_full_guard, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 # Fields of every metrics.jsonl record, in order.
 FIELDS = ("step", "epoch", "loss", "denoise_loss", "mert_loss", "mhubert_loss", "lr", "grad_norm",
@@ -46,7 +47,9 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     if not path.is_file():
         return
     keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
+    data = "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8")
+    with disk_full_guard(path, len(data)):
+        write_bytes_atomic(path, data)
 
 
 def ema(values: list[float], beta: float = 0.95) -> list[float]:
@@ -92,7 +95,7 @@ def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = 
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
+    with disk_full_guard(path), atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -118,7 +121,8 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._records = read_metrics(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        # Unbuffered: a line that failed to reach the disk (full) is not retried by close().
+        self._file = open(self.path, "ab", buffering=0)
         if tensorboard:
             self._tb = _tensorboard_writer(self.run_dir / "tensorboard")
 
@@ -134,8 +138,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # a crash loses at most the current line; the UI tails this file
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        with disk_full_guard(self.path, len(line)):  # a crash loses at most this line; the UI tails the file
+            while line:
+                line = line[self._file.write(line):]
         if self._tb is not None:
             for key, tag in TB_TAGS.items():
                 value = record.get(key)
@@ -143,6 +149,11 @@ class MetricsLogger:
                     self._tb.add_scalar(tag, value, record["step"])
         if self.plot_every and record["step"] % self.plot_every == 0:
             self.plot()
+
+    def sync(self) -> None:
+        """Flush metrics.jsonl to disk (with each checkpoint: a power cut keeps what it covers)."""
+        if self._file is not None:
+            os.fsync(self._file.fileno())
 
     def plot(self) -> Path | None:
         if not self.enabled:

@@ -349,6 +349,7 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         else:
             state.rng, state.loader = [state.rng], [state.loader]
         if rank.is_main:
+            logger.sync()  # metrics.jsonl on disk up to the step the checkpoint holds
             last_good = save_checkpoint(run_dir, transformer, settings, optimizer, scheduler, state,
                                         config.to_dict(), adapter_name=ADAPTER)
             prune_checkpoints(run_dir, config.keep_last, protect=validator.saved(last_good, state.step))
@@ -428,7 +429,11 @@ class _closing:
 
     def __exit__(self, *exc):
         for thing in self.things:
-            thing.close()
+            try:
+                thing.close()
+            except Exception:
+                if exc[0] is None:
+                    raise  # else the loop's own error (e.g. the same full disk) is the one to report
 
 
 class _BatchStream:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,10 @@ class TrainConfig:
                 "precision 'bf16-mixed' is refused: with peft it keeps LoRA weights fp32 under bf16 "
                 "autocast and is known to break LoRA gradients here; use precision: bf16-true (or fp32)."
             )
+        for f in dataclasses.fields(self):  # inf/nan pass the range checks below (inf > 0)
+            value = getattr(self, f.name)
+            numbers = value if _kind(f) == "pair" else [value] if _kind(f) == "float" else []
+            _check(all(math.isfinite(v) for v in numbers), f.name, f"must be a finite number, not {value!r}")
         _check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         _check(bool(re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device)), "device", "must be auto, cpu, cuda or cuda:N")
         _check(self.experiment == "" or bool(_EXPERIMENT_NAME.match(self.experiment)), "experiment",

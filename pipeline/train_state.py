@@ -9,8 +9,13 @@ A checkpoint is a folder ``<run_dir>/checkpoints/epoch=E-step=S_lora/`` (the off
   optimizer and scheduler state, step, epoch, every RNG state and the batch source's position. Never
   base weights. Format 1 (before baking) had no ``lora_weights``: its LoRA file held them unbaked.
 
-Both are written into a hidden temp folder that is renamed into place, so a crash or Ctrl-C never
-leaves a half-written checkpoint where ``--resume latest`` would find it.
+Both are written into a hidden temp folder (``.tmp-*``), flushed to disk and renamed into place, so a
+crash, Ctrl-C or power cut never leaves a half-written checkpoint where ``--resume latest`` would
+find it. Pruning renames a folder to a hidden ``.trash-*`` name before deleting it, and saving a step
+again moves the old copy to ``.old-*`` only for the moment of the rename: a kill at any instant leaves
+every official-name folder complete. The hidden leftovers of a killed process are cleared (or, for
+an ``.old-*`` copy whose official name is missing, put back) by :func:`clean_leftovers` when the next
+training starts, under the run lock (pipeline.locks).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.fileio import write_json_atomic
+from pipeline.fileio import disk_full_guard, fsync_dir, fsync_tree, publish_dir, remove_dir_atomic, write_json_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -36,6 +41,9 @@ STATE_FILE = "training_state.pt"
 STATE_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # 1: no lora_weights, the LoRA file is unbaked
 _NAME = re.compile(r"^epoch=(\d+)-step=(\d+)_lora$")
+# Hidden names inside checkpoints/: a folder being written, the old copy of a step saved again, a
+# folder being deleted. None of them is ever listed as a checkpoint.
+_TMP, _OLD, _TRASH = ".tmp-", ".old-", ".trash-"
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -169,10 +177,11 @@ def save_checkpoint(
     from pipeline.lora import save_lora
 
     folder = Path(run_dir) / CHECKPOINTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        fsync_dir(folder.parent)
     final = folder / checkpoint_name(loop.epoch, loop.step)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-{final.name}-"))
-    os.chmod(tmp, 0o755)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f"{_TMP}{final.name}-"))
     state = {
         "format": STATE_FORMAT,
         "step": loop.step,
@@ -189,20 +198,35 @@ def save_checkpoint(
     }
     old = None
     try:
-        save_lora(transformer, tmp, lora_settings, adapter_name=adapter_name)
-        torch.save(state, tmp / STATE_FILE)
+        # a full disk: one line naming the file and the space it needs (torch.save gives no errno)
+        with disk_full_guard(final / LORA_FILE, _nbytes(lora_parameters(transformer, adapter_name))):
+            save_lora(transformer, tmp, lora_settings, adapter_name=adapter_name)
+        with disk_full_guard(final / STATE_FILE, _nbytes(state)):
+            torch.save(state, tmp / STATE_FILE)
         if final.exists():  # same step saved again (e.g. interrupted right after a resume)
-            old = folder / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
+            fsync_tree(tmp)  # flushed first: the old copy steps aside only for the two renames
+            old = folder / f"{_OLD}{final.name}-{os.getpid()}"
+            os.rename(final, old)
+        publish_dir(tmp, final)  # fsync of every file and the folder, rename, fsync of checkpoints/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
-            os.replace(old, final)
+            os.rename(old, final)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about what saving it needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(
@@ -266,22 +290,57 @@ def checkpoint_lora_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Iterable[str | Path] = ()) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (0: keep all) and stale temp folders.
-    Checkpoints named in ``protect`` (the best one) are kept whatever ``keep_last`` says."""
-    protected = {Path(p).name for p in protect}
-    folder = Path(run_dir) / CHECKPOINTS_DIR
+    """Delete all but the newest ``keep_last`` checkpoints (0: keep all); checkpoints named in
+    ``protect`` (folders or their names) are kept too. Each folder is renamed to a hidden name
+    first, so a kill mid-delete never leaves half a checkpoint under an official name."""
+    if keep_last <= 0:
+        return []
+    kept = {Path(p).name for p in protect}
     removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)  # left by a crash; only rank 0 writes here
-    if keep_last > 0:
-        for p in list_checkpoints(run_dir)[:-keep_last]:
-            if p.name in protected:
-                continue
-            shutil.rmtree(p, ignore_errors=True)
+    for p in list_checkpoints(run_dir)[:-keep_last]:
+        if p.name not in kept:
+            remove_dir_atomic(p, hidden_prefix=_TRASH)
             removed.append(p)
     return removed
+
+
+def clean_leftovers(run_dir: str | Path) -> list[str]:
+    """Clear what a killed training left in its run folder; returns one note per thing done.
+
+    Call it only while holding the run lock (pipeline.locks.run_lock): every hidden temp in the
+    folder then belongs to a dead process. An ``.old-*`` copy whose official name is missing (a
+    kill between the two renames of a re-save) is put back; ``.tmp-*`` / ``.trash-*`` folders,
+    ``.NAME.*.tmp`` files of atomic writes and official-name folders without a LoRA file (left by
+    a kill during an older, non-atomic prune) are deleted.
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINTS_DIR
+    notes = []
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if not p.is_dir():
+                continue
+            if p.name.startswith(_OLD):
+                name = p.name[len(_OLD):].rsplit("-", 1)[0]  # .old-<name>-<pid>
+                if not (folder / name).exists() and (p / LORA_FILE).is_file() and (p / STATE_FILE).is_file():
+                    os.rename(p, folder / name)
+                    notes.append(f"put back {name} (a re-save of it was interrupted)")
+                    continue
+            if p.name.startswith((_TMP, _OLD, _TRASH)):
+                shutil.rmtree(p, ignore_errors=True)
+            elif parse_checkpoint_name(p.name) and not (p / LORA_FILE).is_file():
+                remove_dir_atomic(p, hidden_prefix=_TRASH)
+            else:
+                continue
+            notes.append(f"removed {p.name} (left by an interrupted save or prune)")
+        fsync_dir(folder)
+    if run_dir.is_dir():
+        for root, _dirs, files in os.walk(run_dir):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    Path(root, name).unlink(missing_ok=True)
+                    notes.append(f"removed {Path(root, name).relative_to(run_dir)} (temp file of an interrupted write)")
+    return notes
 
 
 def _lora_signature(settings: Any) -> dict[str, Any]:

@@ -12,13 +12,14 @@ import gc
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.errors import CacheError, ConfigError
-from pipeline.fileio import write_json_atomic, write_text_atomic
+from pipeline.errors import CacheError, ConfigError, LockHeldError
+from pipeline.fileio import disk_full_guard, write_json_atomic, write_text_atomic
 from pipeline.train_config import TrainConfig, build_config, fields_help
 
 _KIND_TYPES = {"int": int, "float": float, "str": str}
@@ -154,43 +155,71 @@ def read_sweep(path: str | Path) -> list[dict]:
 
 def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: str | None = None,
             dvc_dir: str | None = None) -> dict:
-    """Train one config: batch source + transformer + train(); returns the summary. With ``dvc_dir``
-    a completed run also writes DVC's metrics and plots files there (pipeline.metrics.write_dvc_files)."""
+    """Train one config: batch source + transformer + train(); returns the summary.
+
+    Nothing in the run folder moves or is written before (1) the run lock is ours (another live
+    training of this experiment is refused, naming its pid) and (2) everything that can fail at the
+    start has been checked and loaded: settings, device, model files, LoRA targets and rank, the
+    cache, the resume checkpoint. A run that then fails before its first checkpoint puts the
+    previous run back in place. With ``dvc_dir`` a completed run also writes DVC's metrics and plots
+    files there (pipeline.metrics.write_dvc_files).
+    """
     import torch
 
     from pipeline import distributed
     from pipeline.train import FINISHED, load_transformer_for_training, train
+    from pipeline.train_guard import explain_failures, preflight
+    from pipeline.train_state import clean_leftovers, resolve_resume
 
-    device = distributed.resolve_device(config.device)
+    device = distributed.resolve_device(config.device)  # `cuda` without a GPU: one line
     rank = distributed.init(device)
-    paths = project.models.paths()
-    transformer_dir = paths.require("ace_step_transformer")
     run_dir = Path(project.paths.exps) / config.run_name
-    stamp = data_stamp(config, project, cache_dir)
-    # before the run folder is touched: a bad val_songs or cache must leave the previous run where it is
-    batches, validation = make_data(config, project, transformer_dir, cache_dir, rank)
-    if resume == "auto":
-        resume = "latest" if can_continue(run_dir, config, stamp) else None
-    distributed.barrier()  # every rank has decided before the folder may move
-    if not resume and rank.is_main:
-        set_aside_previous(run_dir)
-    distributed.barrier()  # the other ranks must not see the old folder
-    if rank.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / DATA_STAMP, stamp + "\n")
-        write_json_atomic(_workspace(project) / "configs" / "lora_config.json", config.to_dict(), sort_keys=True)
-        click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, alpha={config.alpha}, "
-                   f"lr={config.learning_rate}, {config.max_steps} steps, {config.precision} on {device} "
-                   f"→ {run_dir}")
-    transformer = load_transformer_for_training(transformer_dir, config, device)
-    preview = make_preview(config, project, run_dir) if config.plot_every and rank.is_main else None
-    try:
-        summary = train(config, transformer, batches, run_dir, preview=preview, resume=resume, validation=validation)
-    finally:
-        del transformer, batches, validation
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with hold_run_lock(run_dir, rank, device) as lock:
+        if lock is not None:
+            if lock.took_over:
+                click.echo(f"note: took over the lock of experiment '{config.run_name}' from "
+                           f"{lock.took_over.describe()}, which is no longer running.", err=True)
+            for note in clean_leftovers(run_dir):
+                click.echo(f"note: {run_dir.name}: {note}", err=True)
+        distributed.barrier()  # leftovers are cleared before any rank reads the folder
+        transformer_dir = project.models.paths().require("ace_step_transformer")
+        preflight(config, transformer_dir, device)
+        stamp = data_stamp(config, project, cache_dir)
+        if resume == "auto":
+            resume = "latest" if can_continue(run_dir, config, stamp) else None
+        if resume:
+            resolve_resume(run_dir, resume)  # "no checkpoint to resume" before anything loads
+        # before the run folder is touched: a bad val_songs or cache must leave the previous run where it is
+        batches, validation = make_data(config, project, transformer_dir, cache_dir, rank)
+        with explain_failures(config, run_dir, "loading the transformer with its LoRA"):
+            transformer = load_transformer_for_training(transformer_dir, config, device)
+        distributed.barrier()  # every rank has loaded everything before the folder may move
+        previous = set_aside_previous(run_dir) if not resume and rank.is_main else None
+        distributed.barrier()  # the other ranks must not see the old folder
+        try:
+            if rank.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with disk_full_guard(run_dir / DATA_STAMP):
+                    write_text_atomic(run_dir / DATA_STAMP, stamp + "\n")
+                launched = _workspace(project) / "configs" / "lora_config.json"
+                with disk_full_guard(launched):
+                    write_json_atomic(launched, config.to_dict(), sort_keys=True)
+                click.echo(f"experiment {config.run_name}: preset {config.preset}, r={config.rank}, "
+                           f"alpha={config.alpha}, lr={config.learning_rate}, {config.max_steps} steps, "
+                           f"{config.precision} on {device} → {run_dir}")
+            preview = make_preview(config, project, run_dir) if config.plot_every and rank.is_main else None
+            with explain_failures(config, run_dir, "training"):
+                summary = train(config, transformer, batches, run_dir, preview=preview, resume=resume,
+                                validation=validation)
+        except BaseException:
+            if previous is not None:
+                put_back_previous(run_dir, previous)
+            raise
+        finally:
+            del transformer, batches, validation
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if rank.is_main and summary["stopped"] in FINISHED:
         speed = f", {summary['sec_per_step']:.3f} s/step" if summary["sec_per_step"] else ""
         click.echo(f"done: {summary['step']} steps, last loss {summary['last_loss']}{speed}; "
@@ -219,6 +248,28 @@ def measured_resources(config: TrainConfig, summary: dict, device, world_size: i
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
+
+
+@contextmanager
+def hold_run_lock(run_dir: Path, rank, device):
+    """The run folder's lock (pipeline.locks), held by rank 0 for the whole run (None on the other
+    ranks). When rank 0 cannot have it every rank stops with one line, not at the next collective."""
+    from pipeline import distributed
+    from pipeline.locks import run_lock
+
+    lock, refused = (run_lock(run_dir) if rank.is_main else None), None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except LockHeldError as exc:
+            refused = exc
+    if distributed.any_rank(refused is not None, device):
+        raise refused or LockHeldError(f"rank 0 could not lock {run_dir}: another training uses that experiment.")
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 DATA_STAMP = "data_stamp.txt"
@@ -274,6 +325,30 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     click.echo(f"note: a new run of '{run_dir.name}': the previous one moved to {previous} "
                "(use --resume latest to continue a run instead).")
     return previous
+
+
+def put_back_previous(run_dir: Path, previous: Path) -> None:
+    """A new run that stopped before its first checkpoint gives the experiment name back to the run
+    it had set aside (so `--resume latest` continues that one); the failed start's folder is kept
+    beside it as ``<experiment>.failed-<time>`` (its log and metrics say what went wrong)."""
+    import time
+
+    from pipeline.train_state import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is not None or not previous.is_dir():
+        return
+    failed = None
+    if run_dir.exists():
+        failed = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while failed.exists():
+            n += 1
+            failed = failed.with_name(f"{failed.name.split('~')[0]}~{n}")
+        run_dir.replace(failed)
+    previous.replace(run_dir)
+    kept = f"; this start's files are in {failed}" if failed else ""
+    click.echo(f"note: the run stopped before its first checkpoint: the previous run is back in {run_dir}{kept}.",
+               err=True)
 
 
 def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, rank):
@@ -366,4 +441,5 @@ def _workspace(project) -> Path:
     return exps.parent
 
 
-__all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_data", "set_aside_previous", "expected_fingerprints"]
+__all__ = ["cli", "plan_runs", "read_sweep", "run_one", "make_data", "set_aside_previous", "put_back_previous",
+           "expected_fingerprints"]

@@ -64,10 +64,18 @@ def cli(host: str, port: int, params_path: str):
     check_port(host, port)
 
     from pipeline.config import load_params
-    from pipeline.ui.actions import workspace_dir
-    from pipeline.ui.app import build_app, launch
+    from pipeline.ui.actions import clean_stale_uploads, max_upload_bytes, ui_dir, workspace_dir
 
     project = load_params(params_path)  # a broken params.yaml is reported before the server starts
+    # Uploads land beside the data folder, not in /tmp (often small, or memory); gradio reads this at
+    # import. Uploads are deleted once added to the dataset, unused ones after a few hours.
+    uploads = str((ui_dir(project) / "uploads").resolve())
+    if os.environ.setdefault("GRADIO_TEMP_DIR", uploads) == uploads:  # a folder of its own: ours to clean
+        clean_stale_uploads(uploads)
+
+    from pipeline.ui.app import build_app, launch
+
     allowed = [str(Path(p).resolve()) for p in (project.paths.data, project.paths.exps, workspace_dir(project))]
-    click.echo(f"ACE-Step Turbo Trainer UI on http://{host}:{port} (Ctrl-C to quit)")
-    launch(build_app(params_path), host, port, allowed=allowed)
+    click.echo(f"ACE-Step Turbo Trainer UI on http://{host}:{port} (Ctrl-C to quit; uploads up to "
+               f"{project.ui.max_upload_mb:g} MB, params.yaml → ui → max_upload_mb)")
+    launch(build_app(params_path), host, port, allowed=allowed, max_file_size=max_upload_bytes(project))

@@ -83,3 +83,25 @@ def test_disk_full_becomes_one_line(tmp_path):
     with pytest.raises(ValueError):
         with fileio.disk_full_guard(tmp_path / "x.bin"):
             raise ValueError("not a disk problem")
+
+
+def test_disk_full_without_an_errno(tmp_path, monkeypatch):
+    """safetensors says ENOSPC only in its message; torch.save says nothing about the disk at all
+    ("inline_container.cc … unexpected pos"): a full disk there is told by the free space left."""
+    import collections
+    import shutil
+
+    from safetensors import SafetensorError
+
+    from pipeline.errors import DiskFullError
+
+    assert fileio.is_disk_full(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    torch_failure = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert not fileio.is_disk_full(torch_failure)  # without a path: unknown
+    assert not fileio.is_disk_full(torch_failure, tmp_path / "x.pt")  # this disk has room: another failure
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    assert fileio.is_disk_full(torch_failure, tmp_path / "sub" / "x.pt", needed_bytes=10_000)
+    with pytest.raises(DiskFullError, match=r"sub/x\.pt \(about 10\.0 KB needed, 4\.1 KB free\)"):
+        with fileio.disk_full_guard(tmp_path / "sub" / "x.pt", 10_000):
+            raise torch_failure

@@ -77,6 +77,12 @@ def test_coercion_and_unknown_names():
         ({"experiment": "../evil"}, "experiment"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"target_modules": []}, "target_modules"),
+        # inf passes "> 0" and used to reach the LoRA scale / the sigma table
+        ({"alpha": float("inf")}, "'alpha' must be a finite number, not inf"),
+        ({"shift": float("inf")}, "'shift' must be a finite number"),
+        ({"shift": float("nan")}, "'shift' must be a finite number"),
+        ({"logit_mean": float("-inf")}, "'logit_mean' must be a finite number"),
+        ({"betas": "0.8 inf"}, "'betas' must be a finite number"),
     ],
 )
 def test_validation_names_the_setting(changes, pattern):

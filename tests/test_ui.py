@@ -180,6 +180,68 @@ def test_only_one_training_at_a_time_and_stop(proj):
         A.wait_job(proj, "train", timeout=10)
 
 
+@pytest.fixture
+def lock_holder():
+    """Start a real process that holds the run lock of a folder (as a training does) until the test ends."""
+    import subprocess
+
+    started = []
+
+    def start(run_dir: str):
+        code = ("import time\nfrom pipeline.locks import run_lock\n"
+                f"run_lock({run_dir!r}).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                env={**A.command_env(), "PYTHONPATH": str(Path(A.__file__).resolve().parents[2])})
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_training_started_outside_the_ui_blocks_train_and_convert(proj, lock_holder):
+    """A `dvc repro` or terminal training holds its run lock: the one-job rule sees it."""
+    other = lock_holder(str(Path("workspace/exps/logs/cli_run").resolve()))
+    assert A.outside_trainings(proj)["cli_run"].pid == other.pid
+    with pytest.raises(A.UIError, match=rf"experiment 'cli_run' is already running outside this UI \(pid "
+                                        rf"{other.pid} on host .*wait for it to finish"):
+        A.start_training(proj, "balanced", {})
+    with pytest.raises(A.UIError, match="outside this UI"):
+        A.start_convert(proj)
+    other.kill()
+    other.wait()
+    assert A.outside_trainings(proj) == {}  # its lock is stale now: free
+
+
+def test_the_cli_refuses_the_experiment_the_ui_is_training(proj, capsys):
+    """The UI's training job holds the run lock (stand-in: a process taking it as `aceturbo train`
+    does): a `dvc repro` / terminal training of that experiment is refused, naming the job's pid."""
+    from pipeline.locks import held_run_locks
+    from stages.cli import main
+
+    code = ("import time\nfrom pipeline.locks import run_lock\nrun_lock('workspace/exps/logs/demo').acquire()\n"
+            "print('training', flush=True)\ntime.sleep(60)\n")
+    job = A.start_job(proj, "train", [sys.executable, "-c", code], A.train_log_path(proj, "demo"),
+                      info={"experiment": "demo"})
+    try:
+        deadline = time.time() + 60
+        while "demo" not in held_run_locks(proj.paths.exps) and time.time() < deadline:
+            time.sleep(0.05)
+        assert A.outside_trainings(proj) == {}  # the UI's own job is not "outside"
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--params", "params.yaml", "--device", "cpu"])
+        assert exit_.value.code == 1
+        err = capsys.readouterr().err
+        assert f"Error: experiment 'demo' ({Path('workspace/exps/logs/demo')}) is in use by pid {job.pid} on host" in err
+        assert not Path("workspace/exps/logs/demo").exists()  # nothing was created or moved
+    finally:
+        A.stop_job(proj, "train")
+        A.wait_job(proj, "train", timeout=10)
+
+
 def test_a_finished_job_of_another_process_is_not_running(proj):
     gone = A.Job(kind="train", pid=2**22 + 12345, argv=["x"], log="x.log", started=time.time())
     A._write_job(proj, gone)
@@ -351,3 +413,45 @@ def test_a_other_params_file_reaches_the_commands_the_ui_starts(proj, tmp_path):
     assert "--params" not in A.train_argv(proj, "balanced", values)[0]
     with pytest.raises(A.UIError, match="dvc repro"):  # DVC always reads params.yaml
         A.start_convert(other)
+
+
+# ------------------------------------------------------------------ uploads
+def test_upload_limit_and_gradio_temp_files_are_deleted_once_added(proj, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    source = tmp_path / "src"
+    make_demo_songs(source, n=2, seconds=3.0)
+
+    def uploaded(path: Path, tag: str) -> Path:  # where gradio keeps an upload: <folder>/<hash>/<name>
+        (uploads / tag).mkdir(parents=True)
+        return Path(shutil.copy(path, uploads / tag / path.name))
+
+    audio = uploaded(source / "demo_01_neon_drive.mp3", "a1")
+    Path("params.yaml").write_text(PARAMS + "ui:\n  max_upload_mb: 0.001\n", encoding="utf-8")
+    small = A.project("params.yaml")
+    with pytest.raises(A.UIError, match=r"demo_01_neon_drive\.mp3 is 0\.\d+ MB, over the upload limit of "
+                                        r"0\.001 MB \(params\.yaml → ui → max_upload_mb\)"):
+        A.add_song(small, audio, "pop", "")
+    assert not Path("workspace/data").exists() and audio.is_file()  # nothing written; kept for a retry
+    with pytest.raises(A.UIError, match="over the upload limit"):
+        A.add_files(small, [audio])
+    assert A.add_song(proj, audio, "pop", "") == "demo_01_neon_drive"  # default limit: 500 MB
+    assert not audio.exists() and not (uploads / "a1").exists()  # gradio's copy is gone
+    trip = [uploaded(p, f"t{i}") for i, p in enumerate(sorted(source.glob("demo_02_*")))]
+    A.add_files(proj, trip)
+    assert not any(p.exists() for p in trip)
+    mine = source / "demo_01_neon_drive.mp3"  # a file given by path, outside the upload folder: kept
+    A.add_song(proj, mine, "pop", "", name="again")
+    assert mine.is_file()
+    # uploads never added (a closed tab, a crashed UI) go after a few hours, younger ones stay
+    old, young = uploads / "old", uploads / "young"
+    old.mkdir()
+    young.mkdir()
+    os.utime(old, (time.time() - A.UPLOAD_MAX_AGE_S - 60,) * 2)
+    assert A.clean_stale_uploads(uploads) == [old] and young.is_dir()
+    with pytest.raises(AceTurboError, match="max_upload_mb must be a number of MB > 0"):
+        Path("params.yaml").write_text(PARAMS + "ui:\n  max_upload_mb: 0\n", encoding="utf-8")
+        A.project("params.yaml")

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -282,12 +283,14 @@ def add_song(proj: ProjectConfig, audio: str | Path, prompt: str, lyrics: str, n
     targets = {folder / f"{name}{ext}": None, folder / f"{name}{PROMPT_SUFFIX}": prompt,
                folder / f"{name}{LYRICS_SUFFIX}": lyrics}
     _refuse_existing(list(targets), overwrite)
+    check_upload_sizes(proj, [audio])
     folder.mkdir(parents=True, exist_ok=True)
     _copy_atomic(audio, folder / f"{name}{ext}")
     for path, text in targets.items():
         if text is not None:
             text = text.replace("\r\n", "\n")
             write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+    discard_uploads([audio])
     return name
 
 
@@ -309,9 +312,11 @@ def add_files(proj: ProjectConfig, files: list[str | Path], overwrite: bool = Fa
         raise UIError(f"the same file name twice: {', '.join(doubles)}")
     targets = [folder / f.name for f in files]
     _refuse_existing(targets, overwrite)
+    check_upload_sizes(proj, files)
     folder.mkdir(parents=True, exist_ok=True)
     for src, dst in zip(files, targets):
         _copy_atomic(src, dst)
+    discard_uploads(files)
     return targets
 
 
@@ -319,7 +324,10 @@ def import_zip_file(proj: ProjectConfig, zip_path: str | Path, overwrite: bool =
     """`aceturbo import-zip` through the same library call (same safety rules)."""
     from pipeline.zip_import import import_zip
 
-    return import_zip(zip_path, data_dir(proj), overwrite=overwrite, progress=False)
+    check_upload_sizes(proj, [zip_path])
+    result = import_zip(zip_path, data_dir(proj), overwrite=overwrite, progress=False)
+    discard_uploads([zip_path])
+    return result
 
 
 def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
@@ -332,6 +340,74 @@ def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
 def _copy_atomic(src: Path, dst: Path) -> None:
     with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+# ------------------------------------------------------------------ uploads in transit
+UPLOAD_MAX_AGE_S = 6 * 3600  # an upload never added to the dataset is deleted after this long
+
+
+def max_upload_bytes(proj: ProjectConfig) -> int:
+    """params.yaml → ui → max_upload_mb in bytes (Gradio refuses bigger uploads with this too)."""
+    return int(proj.ui.max_upload_mb * 1_000_000)
+
+
+def upload_folder() -> Path:
+    """Where Gradio puts uploads: GRADIO_TEMP_DIR (`aceturbo ui` sets workspace/ui/uploads), else
+    Gradio's default <tmp>/gradio."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def check_upload_sizes(proj: ProjectConfig, files: list[str | Path]) -> None:
+    """UIError naming the first file over the upload limit (nothing is written)."""
+    limit = max_upload_bytes(proj)
+    for f in files:
+        try:
+            size = Path(f).stat().st_size
+        except OSError:
+            raise UIError(f"{Path(f).name}: the uploaded file is gone (the page was open too long?); "
+                          "upload it again") from None
+        if size > limit:
+            raise UIError(f"{Path(f).name} is {size / 1e6:.1f} MB, over the upload limit of "
+                          f"{proj.ui.max_upload_mb:g} MB (params.yaml → ui → max_upload_mb); raise the limit "
+                          f"there, or copy big files into {data_dir(proj)} yourself (nothing was written)")
+
+
+def discard_uploads(files: list[str | Path]) -> None:
+    """Delete Gradio's temp copies of uploads once they are in the data folder (Gradio keeps them
+    until it restarts). Files outside the upload folder are never touched."""
+    root = upload_folder()
+    for f in files:
+        path = Path(f).resolve()
+        if root not in path.parents:
+            continue
+        path.unlink(missing_ok=True)
+        if path.parent != root:  # Gradio keeps each upload in a folder of its own
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
+
+
+def clean_stale_uploads(folder: str | Path, max_age_s: float = UPLOAD_MAX_AGE_S) -> list[Path]:
+    """Delete uploads older than ``max_age_s`` from ``folder`` (left by a UI that was stopped or by
+    uploads never added); younger ones may belong to another UI on this workspace."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for entry in folder.iterdir():
+        try:
+            if now - entry.stat().st_mtime < max_age_s:
+                continue
+        except OSError:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 # ------------------------------------------------------------------ background jobs
@@ -410,6 +486,16 @@ def running_job(proj: ProjectConfig, *kinds: str) -> Job | None:
 EXCLUSIVE = ("train", "convert")
 
 
+def outside_trainings(proj: ProjectConfig) -> dict:
+    """{experiment: owner} of trainings this UI did not start (a terminal, `dvc repro`, another UI):
+    they hold the run locks under paths.exps (pipeline.locks)."""
+    from pipeline.locks import held_run_locks
+
+    job = read_job(proj, "train")
+    ours = job.pid if job is not None and job.running else None
+    return {name: owner for name, owner in held_run_locks(proj.paths.exps).items() if owner.pid != ours}
+
+
 def start_job(proj: ProjectConfig, kind: str, argv: list[str], log: Path, info: dict | None = None,
               exclusive: tuple[str, ...] = EXCLUSIVE) -> Job:
     """Start ``argv`` in its own session with stdout+stderr appended to ``log``; UIError if a job
@@ -419,6 +505,11 @@ def start_job(proj: ProjectConfig, kind: str, argv: list[str], log: Path, info: 
         what = "a training" if busy.kind == "train" else f"a {busy.kind}"
         raise UIError(f"{what} is already running (pid {busy.pid}, started {time.strftime('%H:%M:%S', time.localtime(busy.started))}); "
                       f"wait for it to finish or stop it first")
+    outside = outside_trainings(proj) if "train" in exclusive else {}
+    if outside:  # started in a terminal, by `dvc repro` or by another UI
+        experiment, owner = next(iter(outside.items()))
+        raise UIError(f"a training of experiment '{experiment}' is already running outside this UI "
+                      f"({owner.describe()}); wait for it to finish or stop it first")
     lock = ui_dir(proj) / "start.lock"
     try:  # two clicks at once: only one gets past here
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

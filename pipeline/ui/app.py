@@ -62,8 +62,11 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
     """The whole app (not launched)."""
     proj = lambda: A.project(params)  # noqa: E731  (re-read each time: params.yaml may change)
     fields = A.train_fields()
+    limit = f"up to {proj().ui.max_upload_mb:g} MB each"  # params.yaml → ui → max_upload_mb
 
-    with gr.Blocks(title="ACE-Step Turbo Trainer", analytics_enabled=False) as app:
+    # delete_cache: uploads never added to the dataset (and other temp files) go after UPLOAD_MAX_AGE_S
+    with gr.Blocks(title="ACE-Step Turbo Trainer", analytics_enabled=False,
+                   delete_cache=(3600, A.UPLOAD_MAX_AGE_S)) as app:
         gr.Markdown("# ACE-Step Turbo Trainer\nLoRA fine-tuning of ACE-Step v1. Every button runs the "
                     "same `aceturbo` / `dvc` command you could type; the command is shown with its output.")
         with gr.Tabs():
@@ -74,7 +77,7 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=1):
                         with gr.Tab("Add a song"):
-                            new_audio = gr.File(label="Audio (.mp3, .wav, .flac, .ogg)", file_count="single",
+                            new_audio = gr.File(label=f"Audio (.mp3, .wav, .flac, .ogg; {limit})", file_count="single",
                                                 file_types=[".mp3", ".wav", ".flac", ".ogg"], elem_id="new-audio")
                             new_name = gr.Textbox(label="Name (empty: the audio file's name)", elem_id="new-name")
                             new_prompt = gr.Textbox(label="Prompt (comma-separated tags)", elem_id="new-prompt",
@@ -82,11 +85,11 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                             new_lyrics = gr.Textbox(label="Lyrics (empty: instrumental)", lines=4, elem_id="new-lyrics")
                             add_song_btn = gr.Button("Add song", elem_id="add-song")
                         with gr.Tab("Triplet files"):
-                            trip_files = gr.File(label="NAME.mp3 + NAME_prompt.txt + NAME_lyrics.txt (several songs at once)",
+                            trip_files = gr.File(label=f"NAME.mp3 + NAME_prompt.txt + NAME_lyrics.txt (several songs at once; {limit})",
                                                  file_count="multiple", elem_id="triplet-files")
                             add_files_btn = gr.Button("Add files", elem_id="add-files")
                         with gr.Tab("ZIP"):
-                            zip_file = gr.File(label="ZIP of triplets", file_types=[".zip"], elem_id="zip-file")
+                            zip_file = gr.File(label=f"ZIP of triplets ({limit})", file_types=[".zip"], elem_id="zip-file")
                             add_zip_btn = gr.Button("Import ZIP", elem_id="import-zip")
                         overwrite = gr.Checkbox(label="Overwrite files that already exist", value=False)
                         upload_msg = gr.Markdown(elem_id="upload-msg")
@@ -255,16 +258,16 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                 if not audio:
                     raise A.UIError("choose an audio file first")
                 sid = A.add_song(proj(), audio, prompt or "", lyrics or "", name or "", overwrite=over)
-                return (_ok(f"added {sid}"), *refresh(sid))
+                return (_ok(f"added {sid}"), None, *refresh(sid))  # its upload is deleted: clear the box
             except AceTurboError as exc:
-                return (_err(exc), *refresh())
+                return (_err(exc), gr.skip(), *refresh())
 
         def do_add_files(files, over):
             try:
                 written = A.add_files(proj(), files or [], overwrite=over)
-                return (_ok(f"added {len(written)} file(s): {', '.join(p.name for p in written)}"), *refresh())
+                return (_ok(f"added {len(written)} file(s): {', '.join(p.name for p in written)}"), None, *refresh())
             except AceTurboError as exc:
-                return (_err(exc), *refresh())
+                return (_err(exc), gr.skip(), *refresh())
 
         def do_zip(path, over):
             try:
@@ -272,9 +275,9 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                     raise A.UIError("choose a .zip file first")
                 result = A.import_zip_file(proj(), path, overwrite=over)
                 skipped = f", skipped {len(result.skipped)} (__MACOSX/dotfiles)" if result.skipped else ""
-                return (_ok(f"imported {len(result.files)} file(s){skipped}"), *refresh())
+                return (_ok(f"imported {len(result.files)} file(s){skipped}"), None, *refresh())
             except AceTurboError as exc:
-                return (_err(exc), *refresh())
+                return (_err(exc), gr.skip(), *refresh())
 
         def do_save(song_id, prompt, lyrics):
             try:
@@ -316,9 +319,9 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
         song_pick.change(show_song, inputs=song_pick, outputs=[song_audio, edit_prompt, edit_lyrics, song_msgs])
         songs_table.select(pick_row, outputs=song_pick)
         add_song_btn.click(do_add_song, [new_audio, new_name, new_prompt, new_lyrics, overwrite],
-                           [upload_msg, *refresh_outputs])
-        add_files_btn.click(do_add_files, [trip_files, overwrite], [upload_msg, *refresh_outputs])
-        add_zip_btn.click(do_zip, [zip_file, overwrite], [upload_msg, *refresh_outputs])
+                           [upload_msg, new_audio, *refresh_outputs])
+        add_files_btn.click(do_add_files, [trip_files, overwrite], [upload_msg, trip_files, *refresh_outputs])
+        add_zip_btn.click(do_zip, [zip_file, overwrite], [upload_msg, zip_file, *refresh_outputs])
         save_btn.click(do_save, [song_pick, edit_prompt, edit_lyrics], [edit_msg, *refresh_outputs])
         delete_btn.click(do_delete, [song_pick, delete_ok], [edit_msg, delete_ok, *refresh_outputs])
         convert_btn.click(do_convert, outputs=convert_status)
@@ -441,16 +444,21 @@ def build_app(params: str = A.PARAMS, poll_seconds: float = 1.0) -> gr.Blocks:
                 out += [gr.skip()] * 3
             # training
             tjob = A.read_job(p, "train")
-            if tjob is not None:
+            outside = A.outside_trainings(p)  # a terminal's or `dvc repro`'s training: watch it too
+            if outside and not (tjob and tjob.running):
+                name, owner = next(iter(outside.items()))
+                folder = Path(p.paths.exps) / name
+                max_steps = A.run_max_steps(folder)
+                status = f"Training running outside this UI — run **{name}**, {owner.describe()}"
+            elif tjob is not None:
                 folder = Path(tjob.info.get("run_dir", ""))
                 max_steps = tjob.info.get("max_steps")
+                status = A.job_status(tjob, "training") + f" — run **{tjob.info.get('experiment')}**"
             else:
                 name = experiment or preset_name
                 folder = Path(p.paths.exps) / name if name else Path(p.paths.exps)
                 max_steps = A.run_max_steps(folder)
-            status = A.job_status(tjob, "training")
-            if tjob is not None:
-                status += f" — run **{tjob.info.get('experiment')}**"
+                status = A.job_status(tjob, "training")
             mfile = folder / "metrics.jsonl"
             mkey = (str(folder), mfile.stat().st_mtime_ns if mfile.is_file() else 0,
                     mfile.stat().st_size if mfile.is_file() else 0)
@@ -505,9 +513,11 @@ def theme():
                              font_mono=["ui-monospace", "monospace"])
 
 
-def launch(app: gr.Blocks, host: str, port: int, allowed: list[str] | None = None, block: bool = True):
-    """Serve the app (never a share link)."""
+def launch(app: gr.Blocks, host: str, port: int, allowed: list[str] | None = None, block: bool = True,
+           max_file_size: int | None = None):
+    """Serve the app (never a share link); uploads over ``max_file_size`` bytes are refused."""
     return app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
+        max_file_size=max_file_size,
         prevent_thread_lock=not block, allowed_paths=allowed or [], theme=theme(), css=CSS,
         footer_links=[], quiet=False, ssr_mode=False)
