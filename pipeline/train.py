@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import checkpointing, distributed
 from pipeline.errors import AceTurboError, CacheError, CheckpointError, ConfigError
 from pipeline.fileio import write_text_atomic
 from pipeline.metrics import MetricsLogger, truncate_metrics
@@ -77,12 +77,21 @@ def load_transformer_for_training(transformer_dir: str | Path, config: TrainConf
     model = ACEStepTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
     model.requires_grad_(False)
     model.to(device=device)  # already in `dtype` (a .to(dtype) here would make diffusers warn)
-    if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)
     apply_lora(model, lora_settings(config), adapter_name=ADAPTER, dtype=dtype)
+    configure_step(model, config, device)
     model.train()  # official: Lightning trains the transformer in train mode (lyric-encoder dropout on)
     return model
+
+
+def configure_step(model, config: TrainConfig, device: torch.device) -> None:
+    """The speed/memory settings of the training step: which blocks recompute in backward (auto: the
+    fewest that fit the device's free memory at the longest batch the run can see)."""
+    from cache.collate import max_frames
+
+    blocks = checkpointing.resolve(model, config.gradient_checkpointing, torch.device(device),
+                                   tokens=max_frames(config.max_seconds), batch=config.batch_size)
+    checkpointing.apply(model, config.gradient_checkpointing, blocks)
 
 
 def lr_factor(step: int, warmup: int, max_steps: int) -> float:
@@ -263,6 +272,8 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         "last_loss": logger.last.get("loss") if rank.is_main else None,
         "sec_per_step": sum(steady) / len(steady) if steady else None,
         "tensorboard": logger.has_tensorboard if rank.is_main else False,
+        "gradient_checkpointing": checkpointing.describe(transformer.checkpointed_blocks,
+                                                         len(transformer.transformer_blocks)),
     }
     if stopped != "completed" and not stop.hard:
         _say(rank, f"{stopped}: stopped at step {loop.step}; checkpoint {last_good}. Continue with --resume latest.")

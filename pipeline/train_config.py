@@ -75,12 +75,18 @@ class TrainConfig:
     max_seconds: float = _opt(240.0, "Longest audio window per sample in seconds (official crop: 240).")
     num_workers: int = _opt(0, "Data-loader worker processes (cached mode).")
     live: bool = _opt(False, "Encode songs on the fly instead of reading the feature cache (needs all encoders in memory).")
-    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward: much less memory, ~30% slower.")
+    gradient_checkpointing: str = _opt(
+        "auto", "Which DiT blocks recompute their activations in backward: auto (the fewest that fit the "
+        "device's free memory), all (least memory, ~30% slower), none (fastest), or k (every k-th block). "
+        "true/false = all/none.", normalize="checkpointing", cli_off="none")
     # --- outputs ---
     save_every: int = _opt(500, "Write a LoRA checkpoint every N optimizer steps (a final one is always written).")
     keep_last: int = _opt(5, "Keep only the newest K checkpoint folders (0: keep all).")
     plot_every: int = _opt(0, "Generate a preview every N steps (0: off). Each preview is a full 60-step sampling.")
     log_plot_every: int = _opt(50, "Redraw loss.png every N steps.")
+
+    def __post_init__(self):
+        self.gradient_checkpointing = normalize_checkpointing(self.gradient_checkpointing)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -161,13 +167,16 @@ def _check(ok: bool, name: str, fix: str) -> None:
 
 
 # ------------------------------------------------------------------ field table and coercion
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def fields_help() -> list[dict[str, Any]]:
     """[{name, type, default, help}] in declaration order (for the CLI and the web UI)."""
     rows = []
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         rows.append({"name": f.name, "type": _kind(f), "default": getattr(defaults, f.name),
-                     "help": f.metadata.get("help", "")})
+                     "help": f.metadata.get("help", ""), "cli_off": f.metadata.get("cli_off")})
     return rows
 
 
@@ -231,8 +240,34 @@ def from_params(params: dict[str, Any] | None, base: TrainConfig | None = None) 
         raise ConfigError(
             f"unknown train setting(s) {', '.join(unknown)}; valid names: {', '.join(kinds)}."
         )
-    changes = {name: _coerce(name, kinds[name], value) for name, value in params.items() if value is not None}
+    changes = {name: _coerce(name, kinds[name], _normalize(name, value)) for name, value in params.items()
+               if value is not None}
     return dataclasses.replace(base, **changes)
+
+
+def _normalize(name: str, value: Any) -> Any:
+    """Settings with more than one spelling (e.g. gradient_checkpointing: true = all) to the one stored."""
+    if _FIELDS[name].metadata.get("normalize") == "checkpointing":
+        return normalize_checkpointing(value)
+    return value
+
+
+def normalize_checkpointing(value: Any) -> str:
+    """gradient_checkpointing as given → "auto" | "all" | "none" | "<k>" (k ≥ 2; the old booleans map to
+    all/none); ConfigError for anything else. pipeline/checkpointing.py acts on the result."""
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on"):
+        return "all"
+    if text in ("false", "no", "off", "0"):
+        return "none"
+    if text in ("auto", "all", "none"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return "all" if int(text) == 1 else str(int(text))
+    raise ConfigError(f"train setting 'gradient_checkpointing' has value {value!r}: use auto, all, none, or an "
+                      "integer k to recompute every k-th block.")
 
 
 # ------------------------------------------------------------------ presets

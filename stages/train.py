@@ -42,6 +42,9 @@ def _config_options(func):
         else:
             option = click.option(flag, name, type=_KIND_TYPES[kind], default=None, help=help_text)
         func = option(func)
+        if row.get("cli_off"):  # a former on/off switch: --no-NAME still works (= NAME cli_off)
+            func = click.option(f"--no-{name.replace('_', '-')}", name, flag_value=row["cli_off"], default=None,
+                                hidden=True)(func)
     return func
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,32 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.proj_in = PatchEmbed(in_channels, dim, tuple(patch_size))
         self.final_layer = FinalLayer(dim, tuple(patch_size), out_channels)
         self.gradient_checkpointing = False
+        self._checkpointed_blocks: frozenset[int] | None = None  # None: every block (diffusers' switch)
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def set_checkpointed_blocks(self, blocks: Iterable[int], lyric_encoder: bool | None = None) -> None:
+        """Recompute the activations of these DiT blocks in backward (gradient checkpointing) and keep
+        the others'. ``lyric_encoder`` (default: when any block recomputes) does the same for it."""
+        blocks = frozenset(blocks)
+        lyric_encoder = bool(blocks) if lyric_encoder is None else lyric_encoder
+        if blocks or lyric_encoder:
+            self.enable_gradient_checkpointing()
+        else:
+            self.disable_gradient_checkpointing()
+        self.lyric_encoder.gradient_checkpointing = lyric_encoder
+        self.gradient_checkpointing = bool(blocks)
+        self._checkpointed_blocks = None if len(blocks) == len(self.transformer_blocks) else blocks
+
+    @property
+    def checkpointed_blocks(self) -> list[int]:
+        """The DiT blocks that recompute their activations in backward."""
+        if not self.gradient_checkpointing:
+            return []
+        return sorted(range(len(self.transformer_blocks)) if self._checkpointed_blocks is None
+                      else self._checkpointed_blocks)
+
+    def _recomputes(self, index: int) -> bool:
+        return self.gradient_checkpointing and (self._checkpointed_blocks is None or index in self._checkpointed_blocks)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -200,7 +226,7 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         taps: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.transformer_blocks):
             args = (hidden_states, attention_mask, encoder_hidden_states, encoder_hidden_mask, rope, rope_cross, temb)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
+            if torch.is_grad_enabled() and self._recomputes(index):
                 hidden_states = self._gradient_checkpointing_func(block, *args)
             else:
                 hidden_states = block(*args)

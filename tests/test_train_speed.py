@@ -1,0 +1,122 @@
+"""The training step's speed settings, proven on the CPU with the tiny transformer: gradient
+checkpointing by choice (all / none / every k-th block / auto), and that each keeps the numbers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import checkpointing
+from pipeline.errors import ConfigError
+from pipeline.objective import training_sigmas
+from pipeline.train import compute_loss, load_transformer_for_training
+from pipeline.train_config import TrainConfig, from_params
+
+TEXT_DIM, MERT_DIM, MHUBERT_DIM, VOCAB, SPEAKER_DIM = 12, 24, 20, 40, 8
+LAYERS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def transformer_dir(tmp_path_factory):
+    from pipeline.tiny.transformer import save_tiny_transformer
+
+    return save_tiny_transformer(tmp_path_factory.mktemp("tiny") / "ace_step_transformer", seed=0,
+                                 num_layers=LAYERS, ssl_encoder_depths=[1, 2])
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(precision="fp32", device="cpu", rank=4, seed=3, text_dropout=0.0, speaker_dropout=0.0,
+                lyric_dropout=0.0)
+    base.update(changes)
+    return from_params(base).validate()
+
+
+def song_batch(frames: int, seed: int = 0, batch: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "keys": [f"song{seed}_{i}" for i in range(batch)],
+        "latents": torch.randn(batch, 8, 16, frames, generator=g),
+        "latent_mask": torch.ones(batch, frames),
+        "text_states": torch.randn(batch, 5, TEXT_DIM, generator=g),
+        "text_mask": torch.ones(batch, 5, dtype=torch.long),
+        "speaker": torch.zeros(batch, SPEAKER_DIM),
+        "lyric_ids": torch.randint(1, VOCAB, (batch, 7), generator=g),
+        "lyric_mask": torch.ones(batch, 7, dtype=torch.long),
+        "mert": [torch.randn(frames * 7, MERT_DIM, generator=g) for _ in range(batch)],
+        "mhubert": [torch.randn(frames * 5, MHUBERT_DIM, generator=g) for _ in range(batch)],
+    }
+
+
+def lora_grads(model, cfg: TrainConfig, batch: dict) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss, _ = compute_loss(model, batch, torch.Generator().manual_seed(5), training_sigmas(), cfg,
+                           torch.device("cpu"), torch.float32)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+# ------------------------------------------------------------------ a. gradient checkpointing
+@pytest.mark.parametrize("given, stored", [(True, "all"), (False, "none"), ("yes", "all"), ("off", "none"),
+                                           (1, "all"), (0, "none"), (3, "3"), ("2", "2"), ("AUTO", "auto")])
+def test_checkpointing_spellings(given, stored):
+    assert from_params({"gradient_checkpointing": given}).gradient_checkpointing == stored
+    assert TrainConfig(gradient_checkpointing=given).gradient_checkpointing == stored
+
+
+def test_checkpointing_bad_value_names_the_setting():
+    with pytest.raises(ConfigError, match="gradient_checkpointing.*every k-th block"):
+        from_params({"gradient_checkpointing": "sometimes"})
+
+
+def test_plans():
+    assert checkpointing.plan_blocks("all", 5) == [0, 1, 2, 3, 4]
+    assert checkpointing.plan_blocks("none", 5) == []
+    assert checkpointing.plan_blocks("2", 5) == [0, 2, 4]
+    assert checkpointing.describe([0, 2, 4], 5) == "3 of 5" and checkpointing.describe([], 5) == "none"
+
+
+def test_each_setting_recomputes_its_blocks_and_keeps_the_gradients(transformer_dir):
+    batch = song_batch(12)
+    grads = {}
+    for setting, expected in (("none", []), ("all", [0, 1, 2, 3]), ("2", [0, 2])):
+        cfg = config(gradient_checkpointing=setting)
+        model = load_transformer_for_training(transformer_dir, cfg, "cpu")
+        model.eval()  # no dropout: the comparison is about recomputation
+        assert model.checkpointed_blocks == expected
+        recomputed = []
+        inner = model._gradient_checkpointing_func if model.gradient_checkpointing else None
+        if inner is not None:
+            def counting(block, *args, _inner=inner):
+                recomputed.append(next(i for i, b in enumerate(model.transformer_blocks) if b is block))
+                return _inner(block, *args)
+            model._gradient_checkpointing_func = counting
+        grads[setting] = lora_grads(model, cfg, batch)
+        assert recomputed == expected
+    for setting in ("all", "2"):
+        assert grads[setting].keys() == grads["none"].keys()
+        for name, grad in grads["none"].items():
+            torch.testing.assert_close(grads[setting][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_auto_takes_the_fewest_recomputing_blocks_that_fit(transformer_dir):
+    model = load_transformer_for_training(transformer_dir, config(gradient_checkpointing="none"), "cpu")
+    estimate = checkpointing.estimate_activations(model, tokens=400, text_tokens=5, lyric_tokens=7)
+    assert estimate.num_blocks == LAYERS and estimate.per_block > 10 * estimate.block_input > 0
+    # each recomputing block saves memory, until only one is kept: it costs what the block being
+    # redone does, so recomputing the last one too saves nothing
+    needs = [estimate.needed(r) for r in range(LAYERS + 1)]
+    assert all(a > b for a, b in zip(needs[:-1], needs[1:-1])) and needs[-1] >= needs[-2]
+    margin = checkpointing.MARGIN_BYTES
+    assert checkpointing.auto_blocks(estimate, free=needs[0] + margin, total=0) == []
+    assert checkpointing.auto_blocks(estimate, free=needs[2] + margin, total=0) == [0, 1]
+    assert checkpointing.auto_blocks(estimate, free=0, total=0) == [0, 1, 2, 3]  # nothing fits: least memory
+    # the estimate grows with the song: a longer one needs more per block
+    longer = checkpointing.estimate_activations(model, tokens=800, text_tokens=5, lyric_tokens=7)
+    assert 1.8 < longer.per_block / estimate.per_block < 2.2
