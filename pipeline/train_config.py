@@ -71,7 +71,7 @@ class TrainConfig:
     speaker_dropout: float = _opt(0.5, "CFG dropout: probability a sample's speaker embedding is zeroed.")
     lyric_dropout: float = _opt(0.15, "CFG dropout: probability a sample's lyrics (ids and mask) are zeroed.")
     # --- data ---
-    batch_size: int = _opt(1, "Songs per batch (official 1; >1 pads to the longest window).")
+    batch_size: int = _opt(1, "Songs per batch (official 1; >1 batches songs of similar length, each cropped to the shortest).")
     max_seconds: float = _opt(240.0, "Longest audio window per sample in seconds (official crop: 240).")
     num_workers: int = _opt(0, "Data-loader worker processes (cached mode).")
     live: bool = _opt(False, "Encode songs on the fly instead of reading the feature cache (needs all encoders in memory).")

@@ -120,3 +120,66 @@ def test_auto_takes_the_fewest_recomputing_blocks_that_fit(transformer_dir):
     # the estimate grows with the song: a longer one needs more per block
     longer = checkpointing.estimate_activations(model, tokens=800, text_tokens=5, lyric_tokens=7)
     assert 1.8 < longer.per_block / estimate.per_block < 2.2
+
+
+# ------------------------------------------------------------------ g. exact batches > 1
+def song(key: str, frames: int, seed: int) -> "SongFeatures":
+    from cache.schema import LATENT_RATE, SongFeatures
+
+    g = torch.Generator().manual_seed(seed)
+    seconds = frames / LATENT_RATE
+    return SongFeatures(key=key, latents=torch.randn(8, 16, frames, generator=g),
+                        mert=torch.randn(round(seconds * 75), MERT_DIM, generator=g),
+                        mhubert=torch.randn(round(seconds * 50), MHUBERT_DIM, generator=g),
+                        text_states=torch.randn(2, 5, TEXT_DIM, generator=g), text_masks=torch.ones(2, 5, dtype=torch.long),
+                        lyric_ids=torch.randint(1, VOCAB, (3 + seed,), generator=g))
+
+
+def forward(model, batch: dict, sigma: torch.Tensor, noise: torch.Tensor):
+    """Sample output and loss of the model on ``batch`` with the given σ and noise (fp32, no dropout)."""
+    from pipeline.objective import denoise_loss, noisy_latents, total_loss
+
+    x0 = batch["latents"]
+    x_t = noisy_latents(x0, noise, sigma)
+    out = model(hidden_states=x_t, attention_mask=batch["latent_mask"], encoder_text_hidden_states=batch["text_states"],
+                text_attention_mask=batch["text_mask"], speaker_embeds=batch["speaker"],
+                lyric_token_idx=batch["lyric_ids"], lyric_mask=batch["lyric_mask"], timestep=1000 * sigma,
+                ssl_hidden_states=[batch["mert"], batch["mhubert"]])
+    loss, _ = total_loss(denoise_loss(out.sample, x_t, x0, sigma, batch["latent_mask"]), out.proj_losses)
+    return out.sample, loss
+
+
+def one(batch: dict, i: int) -> dict:
+    return {k: (v[i:i + 1] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+
+
+def test_a_batch_of_two_equals_two_batches_of_one(transformer_dir):
+    """Two songs of different lengths: the batch of two (equal-length crops) gives each song exactly
+    what it gets alone. Padding the shorter one instead would leak the padded frames into it."""
+    import random
+
+    from cache.collate import collate, make_batch, make_sample
+
+    model = load_transformer_for_training(transformer_dir, config(gradient_checkpointing="none"), "cpu")
+    model.eval()
+    songs = [song("short", 20, 0), song("long", 33, 1)]
+    batch = make_batch(songs, [random.Random(0), random.Random(1)], max_seconds=240.0, speaker_dim=SPEAKER_DIM)
+    assert batch["latents"].shape[-1] == 20 and batch["latent_mask"].all()  # the long one cropped, none padded
+    sigma = torch.tensor([0.3, 0.8])
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        both, loss = forward(model, batch, sigma, noise)
+        alone = [forward(model, one(batch, i), sigma[i:i + 1], noise[i:i + 1]) for i in range(2)]
+    for i, (sample, _) in enumerate(alone):
+        torch.testing.assert_close(both[i:i + 1], sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, (alone[0][1] + alone[1][1]) / 2, rtol=1e-5, atol=1e-7)
+
+    # what equal-length crops avoid: padding the short song next to the long one changes its output
+    padded = collate([make_sample(s, random.Random(k), 240.0) for k, s in enumerate(songs)], speaker_dim=SPEAKER_DIM)
+    assert padded["latents"].shape[-1] == 33 and not padded["latent_mask"].all()
+    noise = torch.randn(padded["latents"].shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mixed, _ = forward(model, padded, sigma, noise)
+        solo, _ = forward(model, {**one(padded, 0), "latents": padded["latents"][:1, ..., :20],
+                                  "latent_mask": padded["latent_mask"][:1, :20]}, sigma[:1], noise[:1, ..., :20])
+    assert (mixed[0, ..., :20] - solo[0]).abs().max() > 1e-2
