@@ -79,6 +79,8 @@ class TrainConfig:
         "auto", "Which DiT blocks recompute their activations in backward: auto (the fewest that fit the "
         "device's free memory), all (least memory, ~30% slower), none (fastest), or k (every k-th block). "
         "true/false = all/none.", normalize="checkpointing", cli_off="none")
+    compile: bool = _opt(False, "Compile the DiT block with torch.compile (CUDA; a compile per shape bucket at the "
+                                "start, then faster steps): crops are cut to a few lengths, lyrics padded to a few.")
     # --- outputs ---
     save_every: int = _opt(500, "Write a LoRA checkpoint every N optimizer steps (a final one is always written).")
     keep_last: int = _opt(5, "Keep only the newest K checkpoint folders (0: keep all).")

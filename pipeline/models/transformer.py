@@ -51,6 +51,9 @@ def _ssl_projector(dim: int, hidden: int, out: int) -> nn.Sequential:
 
 class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _supports_gradient_checkpointing = True
+    # diffusers' compile_repeated_blocks() compiles these (regional compilation): one graph serves
+    # all 24 DiT blocks, instead of one graph for the whole model.
+    _repeated_blocks = ["LinearTransformerBlock"]
 
     @register_to_config
     def __init__(
