@@ -233,6 +233,28 @@ def test_a_run_over_songs_of_many_lengths_compiles_once_per_bucket(transformer_d
     assert {c for _, c in buckets} <= {12, 16}  # ⌈2^(j/2)⌉ ≥ 1 + 5 prompt + 3..8 lyric tokens
 
 
+def test_block_and_model_trace_without_graph_breaks(transformer_dir):
+    import torch._dynamo
+
+    model = load_transformer_for_training(transformer_dir, config(gradient_checkpointing="none"), "cpu")
+    batch = song_batch(12)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(
+        hidden_states=batch["latents"], attention_mask=None, encoder_text_hidden_states=batch["text_states"],
+        text_attention_mask=batch["text_mask"], speaker_embeds=batch["speaker"], lyric_token_idx=batch["lyric_ids"],
+        lyric_mask=batch["lyric_mask"], timestep=torch.tensor([500.0]), ssl_hidden_states=[batch["mert"], batch["mhubert"]])
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    from pipeline.models.attention import rope_tables
+
+    width, heads = 32, 2
+    hidden, cond = torch.randn(1, 12, width), torch.randn(1, 9, width)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.transformer_blocks[1])(
+        hidden, None, cond, torch.ones(1, 9), rope_tables(12, width // heads, 1e6), rope_tables(9, width // heads, 1e6),
+        torch.randn(1, 6 * width))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
 def _cpp_compiler() -> str | None:
     import os
     import shutil
