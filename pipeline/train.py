@@ -10,6 +10,7 @@ text or SSL encoders are imported here. Previews are a callback the caller passe
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import signal
@@ -128,12 +129,13 @@ def lr_factor(step: int, warmup: int, max_steps: int) -> float:
 
 # ------------------------------------------------------------------ one step
 def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.Tensor, config: TrainConfig,
-                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, float]]:
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Official run_step (spec §6.3) on one batch: CFG dropout, sigma, x_t, forward, losses.
 
     All randomness comes from `generator` on the CPU, before the batch moves to the device, so the
     same seed gives the same noise on any device. With `compile`, the batch is first cut to its
-    shape bucket (a random window, from `generator` too).
+    shape bucket (a random window, from `generator` too). Nothing here waits for the device: the
+    parts come back as device scalars (train_step reads them once per optimizer step).
     """
     if config.compile:
         batch = bucket_batch(batch, generator, config.max_seconds)
@@ -142,9 +144,10 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     noise = torch.randn(batch["latents"].shape, generator=generator, dtype=torch.float32)
     sigma = sample_sigmas(batch["latents"].shape[0], generator, sigmas,
                           logit_mean=config.logit_mean, logit_std=config.logit_std)
+    noise, sigma = _to_device_together(noise, sigma, device=device)  # fp32; σ and 1000σ stay fp32
     b = batch_to_device(batch, device, dtype)
-    x0, noise = b["latents"], noise.to(device, dtype)
-    x_t = noisy_latents(x0, noise, sigma.to(device, dtype))
+    x0 = b["latents"]
+    x_t = noisy_latents(x0, noise.to(dtype), sigma)
     # SSL targets only when every sample has both (a cache made without them gives Nones)
     mert, mhubert = b.get("mert") or [], b.get("mhubert") or []
     ssl = [mert, mhubert] if mert and mhubert and all(x is not None for x in mert + mhubert) else None
@@ -152,39 +155,51 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
         hidden_states=x_t, attention_mask=b["latent_mask"],
         encoder_text_hidden_states=b["text_states"], text_attention_mask=b["text_mask"],
         speaker_embeds=b["speaker"], lyric_token_idx=b["lyric_ids"], lyric_mask=b["lyric_mask"],
-        timestep=(1000.0 * sigma).to(device),  # fp32: a bf16 timestep would round 1000σ to steps of 4
+        timestep=1000.0 * sigma,  # fp32: a bf16 timestep would round 1000σ to steps of 4
         ssl_hidden_states=ssl,
     )
-    denoise = denoise_loss(out.sample, x_t, x0, sigma.to(device, dtype), b["latent_mask"])
+    denoise = denoise_loss(out.sample, x_t, x0, sigma, b["latent_mask"])
     return total_loss(denoise, out.proj_losses or [], ssl_coeff=config.ssl_coeff)
+
+
+LOSS_KEYS = ("loss", "denoise_loss", "mert_loss", "mhubert_loss")
 
 
 def train_step(model, source: "_BatchStream", optimizer, scheduler, params: list[torch.nn.Parameter],
                generator: torch.Generator, sigmas: torch.Tensor, config: TrainConfig,
                device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """One optimizer step over `grad_accumulation` batches; returns its metrics."""
+    """One optimizer step over `grad_accumulation` batches; returns its metrics (losses averaged over
+    the micro-batches and, under DDP, over the ranks).
+
+    The host waits for the device once per step: every logged number is fetched in one copy, and the
+    NaN/inf check reads that copy, before the optimizer touches the weights. All micro-batches are
+    taken from the source before any random draw, so an interrupt raised by the source leaves the
+    random state as it was at the step's start.
+    """
     accum = config.grad_accumulation
-    parts_sum: dict[str, float] = {}
-    for micro in range(accum):
-        batch = source.next()
+    batches = [source.next() for _ in range(accum)]
+    parts_sum = None
+    for micro, batch in enumerate(batches):
         # DDP: all-reduce gradients only on the last micro-batch of the step
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         with nullcontext() if sync else model.no_sync():
             loss, parts = compute_loss(model, batch, generator, sigmas, config, device, dtype)
-            if distributed.any_rank(not math.isfinite(parts["loss"]), device):
-                raise TrainingDiverged(f"loss is {parts['loss']} (NaN/inf)")
             (loss / accum).backward()
-        for key, value in parts.items():
-            parts_sum[key] = parts_sum.get(key, 0.0) + value / accum
+        parts = torch.stack([parts[key] for key in LOSS_KEYS]) / accum
+        parts_sum = parts if parts_sum is None else parts_sum + parts
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if not math.isfinite(grad_norm):  # same value on every rank: the gradients are all-reduced
-        raise TrainingDiverged(f"gradient norm is {grad_norm} (NaN/inf)")
-    lr = scheduler.get_last_lr()[0]  # the rate this step uses (the official train/learning_rate)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # same on every rank: gradients are all-reduced
+    # NaN/inf anywhere makes the mean over ranks NaN/inf too, so every rank stops at the same step.
+    values = distributed.mean_across_ranks(torch.cat([parts_sum, grad_norm.float().reshape(1)])).tolist()
+    record = dict(zip(LOSS_KEYS + ("grad_norm",), values))
+    for key in ("loss", "grad_norm"):
+        if not math.isfinite(record[key]):
+            raise TrainingDiverged(f"{'loss' if key == 'loss' else 'gradient norm'} is {record[key]} (NaN/inf)")
+    record["lr"] = scheduler.get_last_lr()[0]  # the rate this step uses (the official train/learning_rate)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**parts_sum, "lr": lr, "grad_norm": grad_norm}
+    return record
 
 
 # ------------------------------------------------------------------ the loop
@@ -263,7 +278,9 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
                 if distributed.any_rank(stop.reason is not None, device):
                     stopped = stop.reason or "stopped by another rank"
                     break
-                start = _position(loop, generator, source)  # what an interrupt mid-step saves
+                # what an interrupt mid-step saves; its RNG states are read only if one comes (the
+                # step draws nothing before it has all its batches)
+                start = LoopState(step=loop.step, epoch=source.epoch, loader=source.state())
                 if preview is not None and config.plot_every and loop.step % config.plot_every == 0:
                     _run_preview(preview, transformer, source, loop.step, rank, device)
                 tic = time.perf_counter()
@@ -282,7 +299,8 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
             if stop.hard:  # a second Ctrl-C may land inside the optimizer update: save nothing
                 _say(rank, f"stopped at once; the last checkpoint is {last_good}.")
             else:  # raised by the batch source or the preview, before this step changed any weight
-                loop = start or _position(loop, generator, source)
+                loop = dataclasses.replace(start, rng=capture_rng(generator)) if start else \
+                    _position(loop, generator, source)
                 save(loop, collective=False)
         except TrainingDiverged as exc:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
@@ -426,25 +444,37 @@ def _run_preview(preview: Preview, transformer, source: _BatchStream, step: int,
 
 
 def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, rank, device) -> dict:
-    keys = ("loss", "denoise_loss", "mert_loss", "mhubert_loss")
-    values = [float(record.get(k, float("nan"))) for k in keys]
-    if rank.enabled:  # log the mean over ranks, like Lightning's sync_dist
-        values = distributed.mean_across_ranks(torch.tensor(values, device=device)).tolist()
+    """The metrics.jsonl record of a step (train_step's losses are already the mean over ranks, like
+    Lightning's sync_dist)."""
     samples = config.batch_size * config.grad_accumulation * rank.world_size
-    return {"step": loop.step, "epoch": loop.epoch, **dict(zip(keys, values)), "lr": record["lr"],
+    return {"step": loop.step, "epoch": loop.epoch, **{k: record[k] for k in LOSS_KEYS}, "lr": record["lr"],
             "grad_norm": record["grad_norm"], "sec_per_step": round(seconds, 6),
             "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`."""
+    """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`. To a GPU the
+    copies come from pinned memory and do not block the host (the cast happens on the device)."""
     def move(x):
         if isinstance(x, torch.Tensor):
-            return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+            x = _to_device(x, device)
+            return x.to(dtype) if x.is_floating_point() else x
         if isinstance(x, (list, tuple)):
             return [move(v) for v in x]
         return x
     return {key: move(value) for key, value in batch.items()}
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+
+
+def _to_device_together(*tensors: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Same-dtype CPU tensors to `device` in one copy (then split there)."""
+    flat = _to_device(torch.cat([t.reshape(-1) for t in tensors]), device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _seed_global(seed: int) -> None:

@@ -73,7 +73,8 @@ class TrainConfig:
     # --- data ---
     batch_size: int = _opt(1, "Songs per batch (official 1; >1 batches songs of similar length, each cropped to the shortest).")
     max_seconds: float = _opt(240.0, "Longest audio window per sample in seconds (official crop: 240).")
-    num_workers: int = _opt(0, "Data-loader worker processes (cached mode).")
+    num_workers: int = _opt(-1, "Data-loader worker processes (cached mode); -1: 2 on CUDA (the next batches are read "
+                                "and pinned while the GPU works), 0 on the CPU.")
     live: bool = _opt(False, "Encode songs on the fly instead of reading the feature cache (needs all encoders in memory).")
     gradient_checkpointing: str = _opt(
         "auto", "Which DiT blocks recompute their activations in backward: auto (the fewest that fit the "
@@ -94,6 +95,10 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         return self.experiment or self.preset
+
+    def loader_workers(self, device_type: str) -> int:
+        """num_workers, with -1 resolved for a device of this type ("cuda" or "cpu")."""
+        return self.num_workers if self.num_workers >= 0 else (2 if device_type == "cuda" else 0)
 
     @property
     def lora_scale(self) -> float:
@@ -129,7 +134,7 @@ class TrainConfig:
             _check(0.0 <= getattr(self, name) <= 1.0, name, "must be a probability in [0, 1]")
         _check(self.batch_size >= 1, "batch_size", "must be ≥ 1")
         _check(self.max_seconds > 0, "max_seconds", "must be > 0 (official 240)")
-        _check(self.num_workers >= 0, "num_workers", "must be ≥ 0")
+        _check(self.num_workers >= -1, "num_workers", "must be ≥ 0, or -1 for 2 on CUDA and 0 on the CPU")
         for name in ("save_every", "keep_last", "plot_every", "log_plot_every"):
             _check(getattr(self, name) >= 0, name, "must be ≥ 0")
         return self

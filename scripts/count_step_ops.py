@@ -3,12 +3,15 @@
     python scripts/count_step_ops.py                         # 180 s song, r=64, bf16, checkpointing all
     python scripts/count_step_ops.py --checkpointing none --seconds 180 --rank 64
 
-One optimizer step (compute_loss + backward) of the real ACEStepTransformer2DModel with its LoRA runs
-under a TorchDispatchMode that sees every aten op: ops that only reshape a view launch no kernel and
+One optimizer step (train_step: forward, backward, clipping, AdamW) of the real
+ACEStepTransformer2DModel with its LoRA runs under a TorchDispatchMode that sees every aten op: ops that only reshape a view launch no kernel and
 are counted apart; every other op is roughly one GPU kernel in eager mode. For each op it adds the
 FLOPs (torch's FLOP counter formulas) and the bytes read + written, and prints a roofline estimate
 against one H100 SXM (989 TFLOP/s bf16 dense, 67 fp32 without tensor cores, 3.35 TB/s HBM, ~5 µs of
-host time per eager kernel launch). The saved activations are measured with saved-tensor hooks.
+host time per eager kernel launch). The saved activations are measured with saved-tensor hooks
+(on meta, softmax attention takes the math path: it counts the probabilities the CUDA kernels do not
+keep). It also counts the host's reads of device values (each a GPU→CPU sync on CUDA) and the
+copies between host and device.
 These are counts and estimates made on a CPU, not GPU timings: `aceturbo bench` on a GPU times it.
 """
 from __future__ import annotations
@@ -67,13 +70,16 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
-        if name == "_local_scalar_dense":  # .item()/float(): the host waits for the device
+        if name == "_local_scalar_dense" and args[0].device.type == "meta":  # .item()/float(): a sync
             self.syncs += 1
             return False if args[0].dtype == torch.bool else 0
-        if name == "_to_copy" and isinstance(args[0], torch.Tensor):
-            target = kwargs.get("device")
-            if target is not None and torch.device(target).type != args[0].device.type:
-                self.transfers["to_" + torch.device(target).type] += 1
+        if name == "_to_copy" and isinstance(args[0], torch.Tensor) and kwargs.get("device") is not None:
+            source, target = args[0].device.type, torch.device(kwargs["device"]).type
+            if (source, target) == ("meta", "cpu"):  # .cpu()/.tolist(): a sync
+                self.syncs += 1
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+            if source != target:
+                self.transfers[f"{source}_to_{target}"] += 1
         out = func(*args, **kwargs)
         if name in VIEW_OPS:
             self.views += 1
@@ -141,8 +147,9 @@ def batch(seconds: float, text_tokens: int, lyric_tokens: int, dtype: torch.dtyp
 
 def count(seconds: float = 180.0, rank: int = 64, checkpointing: str = "all", text_tokens: int = 64,
           lyric_tokens: int = 300, precision: str = "bf16-true") -> dict:
+    """One optimizer step (train_step: forward, backward, gradient clipping, AdamW) at full size."""
     from pipeline.objective import training_sigmas
-    from pipeline.train import PRECISION_DTYPES, compute_loss
+    from pipeline.train import PRECISION_DTYPES, _BatchStream, compute_loss, train_step
     from pipeline.train_config import TrainConfig
 
     dtype = PRECISION_DTYPES[precision]
@@ -150,20 +157,32 @@ def count(seconds: float = 180.0, rank: int = 64, checkpointing: str = "all", te
     config = TrainConfig(rank=rank, precision=precision, gradient_checkpointing=checkpointing, device="cpu")
     data = batch(seconds, text_tokens, lyric_tokens, dtype)
     meta = torch.device("meta")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.8, 0.9), weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     saved = {}
 
     def pack(t):
-        saved[id(t.untyped_storage()) if t.device.type != "meta" else id(t)] = t.numel() * t.element_size()
+        saved[id(t)] = t.numel() * t.element_size()
         return t
 
+    # the model's kernels: forward + backward
     counter = OpCounter()
-    generator = torch.Generator().manual_seed(0)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, parts = compute_loss(model, data, generator, training_sigmas(), config, meta, dtype)
-    forward_ops = sum(counter.ops.values())
     with counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = compute_loss(model, data, torch.Generator().manual_seed(0), training_sigmas(), config, meta,
+                                   dtype)
+        forward_ops = sum(counter.ops.values())
         loss.backward()
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    # the host's side of a whole optimizer step (the second one: the first creates AdamW's state).
+    # AdamW's own kernels are not counted: on meta its multi-tensor kernels run tensor by tensor.
+    for _ in range(2):
+        host = OpCounter()
+        with host:
+            train_step(model, _BatchStream([data]), optimizer, scheduler, params, torch.Generator().manual_seed(0),
+                       training_sigmas(), config, meta, dtype)
+    lora = sum(p.numel() for p in params)
     total_ops = sum(counter.ops.values())
     est = {
         "matmul_s_bf16": counter.flops["bf16"] / H100["bf16_flops"],
@@ -173,11 +192,11 @@ def count(seconds: float = 180.0, rank: int = 64, checkpointing: str = "all", te
     }
     return {
         "seconds": seconds, "tokens": int(data["latents"].shape[-1]), "rank": rank, "checkpointing": checkpointing,
-        "precision": precision, "kernels": total_ops, "kernels_forward": forward_ops, "views": counter.views,
-        "tflop_bf16": round(counter.flops["bf16"] / 1e12, 2), "tflop_fp32": round(counter.flops["fp32"] / 1e12, 3),
-        "elementwise_gb": round(counter.elementwise_bytes / 1e9, 1),
-        "saved_activations_gib": round(sum(saved.values()) / 2**30, 2),
-        "lora_params_m": round(lora / 1e6, 1), "host_syncs": counter.syncs, "transfers": dict(counter.transfers),
+        "precision": precision, "kernels": total_ops, "kernels_forward": forward_ops,
+        "views": counter.views, "tflop_bf16": round(counter.flops["bf16"] / 1e12, 2),
+        "tflop_fp32": round(counter.flops["fp32"] / 1e12, 3), "elementwise_gb": round(counter.elementwise_bytes / 1e9, 1),
+        "saved_activations_gib": round(sum(saved.values()) / 2**30, 2), "lora_params_m": round(lora / 1e6, 1),
+        "host_syncs_per_step": host.syncs, "transfers_per_step": dict(host.transfers),
         "top_ops": counter.ops.most_common(12),
         "h100_estimate_s": {k: round(v, 4) for k, v in est.items()},
         "h100_estimate_total_s": round(sum(v for k, v in est.items() if k != "launch_s"), 4),

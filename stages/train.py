@@ -257,7 +257,8 @@ def make_batches(config: TrainConfig, project, transformer_dir: Path, cache_dir:
     folder = cache_dir or project.paths.features  # a folder or an fsspec URL
     # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
     settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
-                              num_workers=config.num_workers, speaker_dim=speaker_dim,
+                              num_workers=config.loader_workers(device.type), pin_memory=device.type == "cuda",
+                              speaker_dim=speaker_dim,
                               expected_fingerprints=expected_fingerprints(project))
     return make_loader(folder, settings)
 

@@ -289,3 +289,126 @@ def test_compiled_equals_eager(transformer_dir):
     assert compiled_grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------ c. host syncs and copies
+class HostTraffic:
+    """A dispatch mode for a step on `meta` tensors (a stand-in for a GPU): counts every time the host
+    reads a device value (.item(), float(), .tolist(), .cpu(): each a GPU→CPU sync on CUDA) and every
+    host→device copy. Reads return zeros."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+                    counter.syncs += 1
+                    return 0
+                if func is torch.ops.aten._to_copy.default and "device" in kwargs:
+                    source, target = args[0].device.type, torch.device(kwargs["device"]).type
+                    if (source, target) == ("meta", "cpu"):
+                        counter.syncs += 1
+                        return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+                    if (source, target) == ("cpu", "meta"):
+                        counter.uploads += 1
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+        self.syncs = self.uploads = 0
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_one_host_sync_per_optimizer_step(transformer_dir):
+    """compute_loss never waits for the device; train_step reads the step's numbers (losses, gradient
+    norm: what is logged and NaN-checked) in one fetch, once per optimizer step, whatever the
+    gradient accumulation. The noise and σ go up in one copy."""
+    from pipeline.train import _BatchStream, train_step
+
+    cfg = config(gradient_checkpointing="none", grad_accumulation=2)
+    model = load_transformer_for_training(transformer_dir, cfg, "cpu").to("meta")
+    meta = torch.device("meta")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    source = _BatchStream([song_batch(12, seed=i) for i in range(4)])
+    batch_tensors = sum(1 + (len(v) - 1 if isinstance(v, list) else 0) for k, v in song_batch(12).items()
+                        if k != "keys")
+    with HostTraffic() as traffic:
+        loss, _ = compute_loss(model, song_batch(12), torch.Generator().manual_seed(0), training_sigmas(), cfg,
+                               meta, torch.float32)
+        loss.backward()
+    assert traffic.syncs == 0
+    assert traffic.uploads == batch_tensors + 1  # the batch's tensors + noise and σ together
+    model.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        with HostTraffic() as traffic:
+            record = train_step(model, source, optimizer, scheduler, params, generator, training_sigmas(), cfg,
+                                meta, torch.float32)
+        assert traffic.syncs == 1, "one fetch per optimizer step (2 micro-batches)"
+    assert set(record) == {"loss", "denoise_loss", "mert_loss", "mhubert_loss", "grad_norm", "lr"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (counts real GPU→CPU syncs)")
+def test_one_cuda_sync_per_optimizer_step(transformer_dir):
+    import warnings
+
+    from pipeline.train import _BatchStream, train_step
+
+    cfg = config(gradient_checkpointing="none", device="cuda")
+    model = load_transformer_for_training(transformer_dir, cfg, "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    source = _BatchStream([song_batch(12, seed=i) for i in range(3)])
+    generator = torch.Generator().manual_seed(0)
+    args = (model, source, optimizer, scheduler, params, generator, training_sigmas(), cfg, torch.device("cuda"),
+            torch.float32)
+    train_step(*args)  # warm-up: first-use allocations and library loads
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+def test_loss_png_is_drawn_off_the_training_thread(tmp_path, monkeypatch):
+    import threading
+
+    from pipeline import metrics
+
+    release, drawn = threading.Event(), []
+
+    def slow_plot(records, path, title=""):
+        drawn.append((threading.current_thread() is threading.main_thread(), len(records)))
+        release.wait(10)
+        if len(records) == 3:
+            raise OSError("disk trouble")
+
+    monkeypatch.setattr(metrics, "plot_loss", slow_plot)
+    logger = metrics.MetricsLogger(tmp_path, plot_every=1, tensorboard=False)
+    logger.log({"step": 1, "loss": 1.0})  # starts a drawing and returns while it is still running
+    logger.log({"step": 2, "loss": 1.0})  # one drawing at a time: this request is skipped
+    assert drawn == [(False, 1)] and len(metrics.read_metrics(tmp_path / "metrics.jsonl")) == 2
+    release.set()
+    logger.plot()  # the final drawing: waits for the running one, then draws all records here
+    assert drawn == [(False, 1), (True, 2)]
+    logger.log({"step": 3, "loss": 1.0})  # its drawing fails in the background...
+    with pytest.raises(OSError, match="disk trouble"):
+        logger.plot()  # ...and the error surfaces on the training thread
+    logger.close()
