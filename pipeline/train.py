@@ -145,6 +145,8 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     sigma = sample_sigmas(batch["latents"].shape[0], generator, sigmas,
                           logit_mean=config.logit_mean, logit_std=config.logit_std)
     noise, sigma = _to_device_together(noise, sigma, device=device)  # fp32; σ and 1000σ stay fp32
+    # No padded frame (the loaders crop a batch to equal lengths): the model skips its latent masks.
+    unpadded = batch["latent_mask"].device.type == "cpu" and bool(batch["latent_mask"].all())
     b = batch_to_device(batch, device, dtype)
     x0 = b["latents"]
     x_t = noisy_latents(x0, noise.to(dtype), sigma)
@@ -152,7 +154,7 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     mert, mhubert = b.get("mert") or [], b.get("mhubert") or []
     ssl = [mert, mhubert] if mert and mhubert and all(x is not None for x in mert + mhubert) else None
     out = model(
-        hidden_states=x_t, attention_mask=b["latent_mask"],
+        hidden_states=x_t, attention_mask=None if unpadded else b["latent_mask"],
         encoder_text_hidden_states=b["text_states"], text_attention_mask=b["text_mask"],
         speaker_embeds=b["speaker"], lyric_token_idx=b["lyric_ids"], lyric_mask=b["lyric_mask"],
         timestep=1000.0 * sigma,  # fp32: a bf16 timestep would round 1000σ to steps of 4

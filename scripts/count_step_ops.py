@@ -9,8 +9,8 @@ are counted apart; every other op is roughly one GPU kernel in eager mode. For e
 FLOPs (torch's FLOP counter formulas) and the bytes read + written, and prints a roofline estimate
 against one H100 SXM (989 TFLOP/s bf16 dense, 67 fp32 without tensor cores, 3.35 TB/s HBM, ~5 µs of
 host time per eager kernel launch). The saved activations are measured with saved-tensor hooks
-(on meta, softmax attention takes the math path: it counts the probabilities the CUDA kernels do not
-keep). It also counts the host's reads of device values (each a GPU→CPU sync on CUDA) and the
+(softmax attention is counted as CUDA's memory-efficient kernel, not the math path meta tensors would
+take). It also counts the host's reads of device values (each a GPU→CPU sync on CUDA) and the
 copies between host and device.
 These are counts and estimates made on a CPU, not GPU timings: `aceturbo bench` on a GPU times it.
 """
@@ -145,6 +145,12 @@ def batch(seconds: float, text_tokens: int, lyric_tokens: int, dtype: torch.dtyp
     }
 
 
+def _cuda_like_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """Softmax attention as CUDA runs it (the memory-efficient kernel, in the inputs' dtype), not the
+    math path meta tensors take (fp32 upcast, probabilities kept). The mask changes no count."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, scale=scale)[0]
+
+
 def count(seconds: float = 180.0, rank: int = 64, checkpointing: str = "all", text_tokens: int = 64,
           lyric_tokens: int = 300, precision: str = "bf16-true") -> dict:
     """One optimizer step (train_step: forward, backward, gradient clipping, AdamW) at full size."""
@@ -168,6 +174,20 @@ def count(seconds: float = 180.0, rank: int = 64, checkpointing: str = "all", te
 
     # the model's kernels: forward + backward
     counter = OpCounter()
+    sdpa, torch.nn.functional.scaled_dot_product_attention = (torch.nn.functional.scaled_dot_product_attention,
+                                                              _cuda_like_attention)
+    try:
+        return _count(model, config, data, meta, dtype, counter, pack, saved, optimizer, scheduler, params,
+                      seconds, rank, checkpointing, precision)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
+def _count(model, config, data, meta, dtype, counter, pack, saved, optimizer, scheduler, params, seconds, rank,
+           checkpointing, precision) -> dict:
+    from pipeline.objective import training_sigmas
+    from pipeline.train import _BatchStream, compute_loss, train_step
+
     with counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss, _ = compute_loss(model, data, torch.Generator().manual_seed(0), training_sigmas(), config, meta,

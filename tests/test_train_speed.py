@@ -412,3 +412,36 @@ def test_loss_png_is_drawn_off_the_training_thread(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk trouble"):
         logger.plot()  # ...and the error surfaces on the training thread
     logger.close()
+
+
+# ------------------------------------------------------------------ d. linear attention on tensor cores
+def test_fp32_out_matmul_keeps_16_bit_inputs_on_a_gpu():
+    """On a GPU (meta stands in here) the linear attention's sums take bf16 inputs and give fp32; the
+    gradients come back in bf16. On the CPU both inputs are cast to fp32 (the reference's way)."""
+    from pipeline.models.attention import matmul_fp32
+
+    for device in ("meta", "cpu"):
+        a = torch.randn(2, 3, 64, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+        b = torch.randn(2, 3, 16, 8, dtype=torch.float32, device=device, requires_grad=True)
+        out = matmul_fp32(a, b)
+        assert out.dtype == torch.float32 and out.shape == (2, 3, 64, 8)
+        out.sum().backward()
+        assert a.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bmm with out_dtype)")
+def test_fp32_out_matmul_matches_fp32_on_cuda():
+    from pipeline.models.attention import matmul_fp32
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(2, 3, 512, 64, device="cuda", generator=g).relu().bfloat16().requires_grad_()
+    b = torch.randn(2, 3, 64, 32, device="cuda", generator=g).bfloat16().requires_grad_()
+    out = matmul_fp32(a, b)
+    a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    ref = a32 @ b32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)  # exact products, fp32 sums
+    grad = torch.randn(out.shape, device="cuda", generator=g)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(a.grad.float(), a32.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(b.grad.float(), b32.grad, rtol=2e-2, atol=5e-1)
