@@ -145,8 +145,12 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     sigma = sample_sigmas(batch["latents"].shape[0], generator, sigmas,
                           logit_mean=config.logit_mean, logit_std=config.logit_std)
     noise, sigma = _to_device_together(noise, sigma, device=device)  # fp32; σ and 1000σ stay fp32
-    # No padded frame (the loaders crop a batch to equal lengths): the model skips its latent masks.
-    unpadded = batch["latent_mask"].device.type == "cpu" and bool(batch["latent_mask"].all())
+    # Nothing padded (read on the CPU: no sync): the model skips that mask. Latent frames never are
+    # (the loaders crop a batch to equal lengths); prompt and lyrics at batch 1 mostly not, and then
+    # the cross-attention runs unmasked (flash kernels). Compiled, a mask is always passed: a graph
+    # with and one without would double the compiles, and the buckets pad the lyrics anyway.
+    frames_unpadded = _all_ones(batch["latent_mask"])
+    tokens_unpadded = not config.compile and _all_ones(batch["text_mask"]) and _all_ones(batch["lyric_mask"])
     b = batch_to_device(batch, device, dtype)
     x0 = b["latents"]
     x_t = noisy_latents(x0, noise.to(dtype), sigma)
@@ -154,14 +158,20 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     mert, mhubert = b.get("mert") or [], b.get("mhubert") or []
     ssl = [mert, mhubert] if mert and mhubert and all(x is not None for x in mert + mhubert) else None
     out = model(
-        hidden_states=x_t, attention_mask=None if unpadded else b["latent_mask"],
-        encoder_text_hidden_states=b["text_states"], text_attention_mask=b["text_mask"],
-        speaker_embeds=b["speaker"], lyric_token_idx=b["lyric_ids"], lyric_mask=b["lyric_mask"],
+        hidden_states=x_t, attention_mask=None if frames_unpadded else b["latent_mask"],
+        encoder_text_hidden_states=b["text_states"], text_attention_mask=None if tokens_unpadded else b["text_mask"],
+        speaker_embeds=b["speaker"], lyric_token_idx=b["lyric_ids"],
+        lyric_mask=None if tokens_unpadded else b["lyric_mask"],
         timestep=1000.0 * sigma,  # fp32: a bf16 timestep would round 1000σ to steps of 4
         ssl_hidden_states=ssl,
     )
     denoise = denoise_loss(out.sample, x_t, x0, sigma, b["latent_mask"])
     return total_loss(denoise, out.proj_losses or [], ssl_coeff=config.ssl_coeff)
+
+
+def _all_ones(mask: torch.Tensor) -> bool:
+    """True when a CPU mask has no zero (a device mask is not read: that would wait for the device)."""
+    return mask.device.type == "cpu" and bool(mask.all())
 
 
 LOSS_KEYS = ("loss", "denoise_loss", "mert_loss", "mhubert_loss")
@@ -228,8 +238,9 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
                           "load_transformer_for_training (or apply_lora) before train().")
     settings = lora_settings(config)
     model = distributed.wrap(transformer)
+    # fused: one multi-tensor kernel for the whole update on CUDA
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.betas),
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=config.warmup_steps, max_steps=config.max_steps))
     sigmas = training_sigmas(shift=config.shift)

@@ -445,3 +445,47 @@ def test_fp32_out_matmul_matches_fp32_on_cuda():
     ref.backward(grad)
     torch.testing.assert_close(a.grad.float(), a32.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(b.grad.float(), b32.grad, rtol=2e-2, atol=5e-1)
+
+
+# ------------------------------------------------------------------ f. no mask where nothing is padded
+def test_masks_are_skipped_where_nothing_is_padded(transformer_dir, monkeypatch):
+    """Equal-length crops and an unpadded prompt and lyrics: the linear attention multiplies no mask
+    and the cross-attention runs without one (flash kernels on a GPU); same loss as with the masks."""
+    import torch.nn.functional as F
+
+    from pipeline.models import attention
+
+    model = load_transformer_for_training(transformer_dir, config(gradient_checkpointing="none"), "cpu")
+    model.eval()
+    seen = {"cross": [], "self": []}
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen["cross"].append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    forward = attention.LinearSelfAttention.forward
+    monkeypatch.setattr(attention.LinearSelfAttention, "forward",
+                        lambda self, h, mask, rope: (seen["self"].append(mask), forward(self, h, mask, rope))[1])
+    cfg = config(gradient_checkpointing="none")
+    for lyric_mask in (torch.ones(1, 7, dtype=torch.long), torch.tensor([[1, 1, 1, 1, 1, 0, 0]])):
+        seen["cross"].clear(), seen["self"].clear()
+        batch = {**song_batch(12), "lyric_mask": lyric_mask}
+        with torch.no_grad():
+            compute_loss(model, batch, torch.Generator().manual_seed(0), training_sigmas(), cfg, torch.device("cpu"),
+                         torch.float32)
+        assert seen["self"] == [None] * LAYERS
+        assert all((m is None) == bool(lyric_mask.all()) for m in seen["cross"]) and len(seen["cross"]) == LAYERS
+    # the same numbers as the masked path on the unpadded batch
+    with torch.no_grad():
+        batch = song_batch(12)
+        masked = model(hidden_states=batch["latents"], attention_mask=batch["latent_mask"],
+                       encoder_text_hidden_states=batch["text_states"], text_attention_mask=batch["text_mask"],
+                       speaker_embeds=batch["speaker"], lyric_token_idx=batch["lyric_ids"],
+                       lyric_mask=batch["lyric_mask"], timestep=torch.tensor([500.0])).sample
+        plain = model(hidden_states=batch["latents"], attention_mask=None,
+                      encoder_text_hidden_states=batch["text_states"], text_attention_mask=None,
+                      speaker_embeds=batch["speaker"], lyric_token_idx=batch["lyric_ids"], lyric_mask=None,
+                      timestep=torch.tensor([500.0])).sample
+    torch.testing.assert_close(plain, masked, rtol=1e-5, atol=1e-6)

@@ -164,8 +164,8 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return super().from_pretrained(str(folder), **kwargs)
 
     # ------------------------------------------------------------------ conditioning
-    def forward_lyric_encoder(self, lyric_token_idx: torch.Tensor, lyric_mask: torch.Tensor) -> torch.Tensor:
-        """Lyric ids [B, L] → Conformer → lyric_proj → [B, L, dim]."""
+    def forward_lyric_encoder(self, lyric_token_idx: torch.Tensor, lyric_mask: torch.Tensor | None) -> torch.Tensor:
+        """Lyric ids [B, L] → Conformer → lyric_proj → [B, L, dim] (lyric_mask None: nothing padded)."""
         embeds = self.lyric_embs(lyric_token_idx)
         encoded, _ = self.lyric_encoder(embeds, lyric_mask)
         return self.lyric_proj(encoded)
@@ -173,25 +173,25 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def encode(
         self,
         encoder_text_hidden_states: torch.Tensor,
-        text_attention_mask: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
         speaker_embeds: torch.Tensor,
         lyric_token_idx: torch.Tensor,
-        lyric_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conditioning sequence [speaker | text | lyrics] and its float mask (1 valid / 0 pad)."""
+        lyric_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning sequence [speaker | text | lyrics] and its float mask (1 valid / 0 pad).
+
+        Both masks None (the trainer's signal that no prompt or lyric token is padded): the mask is
+        None too, and the cross-attention runs unmasked (flash kernels)."""
         batch = encoder_text_hidden_states.shape[0]
         speaker = self.speaker_embedder(speaker_embeds).unsqueeze(1)
         text = self.genre_embedder(encoder_text_hidden_states)
         lyrics = self.forward_lyric_encoder(lyric_token_idx, lyric_mask)
         hidden = torch.cat([speaker, text, lyrics], dim=1)
-        mask = torch.cat(
-            [
-                torch.ones(batch, 1, device=hidden.device, dtype=torch.float32),
-                text_attention_mask.to(device=hidden.device, dtype=torch.float32),
-                lyric_mask.to(device=hidden.device, dtype=torch.float32),
-            ],
-            dim=1,
-        )
+        if text_attention_mask is None and lyric_mask is None:
+            return hidden, None
+        parts = ((None, 1), (text_attention_mask, text.shape[1]), (lyric_mask, lyrics.shape[1]))  # speaker: valid
+        mask = torch.cat([torch.ones(batch, n, device=hidden.device) if m is None else m.to(hidden.device, torch.float32)
+                          for m, n in parts], dim=1)
         return hidden, mask
 
     # ------------------------------------------------------------------ denoiser
@@ -276,10 +276,10 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         encoder_text_hidden_states: torch.Tensor,
-        text_attention_mask: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
         speaker_embeds: torch.Tensor,
         lyric_token_idx: torch.Tensor,
-        lyric_mask: torch.Tensor,
+        lyric_mask: torch.Tensor | None,
         timestep: torch.Tensor,
         ssl_hidden_states=None,
         block_controlnet_hidden_states: torch.Tensor | None = None,
