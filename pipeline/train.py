@@ -263,6 +263,11 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         write_text_atomic(run_dir / "train_config.json", config.to_json())
         truncate_metrics(run_dir / "metrics.jsonl", loop.step)  # steps after the checkpoint are redone
     logger = MetricsLogger(run_dir, plot_every=config.log_plot_every, enabled=rank.is_main, title=config.run_name)
+    step_settings = {"gradient_checkpointing": checkpointing.describe(transformer.checkpointed_blocks,
+                                                                      len(transformer.transformer_blocks)),
+                     "compile": config.compile}
+    _say(rank, f"step: gradient checkpointing {step_settings['gradient_checkpointing']} (setting "
+               f"{config.gradient_checkpointing}), compile {'on' if config.compile else 'off'}")
     source = _BatchStream(batches, loop.epoch)
     last_good = latest_checkpoint(run_dir) if resume else None
     saved_step = loop.step if resume else -1
@@ -331,8 +336,7 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         "last_loss": logger.last.get("loss") if rank.is_main else None,
         "sec_per_step": sum(steady) / len(steady) if steady else None,
         "tensorboard": logger.has_tensorboard if rank.is_main else False,
-        "gradient_checkpointing": checkpointing.describe(transformer.checkpointed_blocks,
-                                                         len(transformer.transformer_blocks)),
+        "step_settings": step_settings,
     }
     if stopped != "completed" and not stop.hard:
         _say(rank, f"{stopped}: stopped at step {loop.step}; checkpoint {last_good}. Continue with --resume latest.")

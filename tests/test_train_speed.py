@@ -489,3 +489,11 @@ def test_masks_are_skipped_where_nothing_is_padded(transformer_dir, monkeypatch)
                       speaker_embeds=batch["speaker"], lyric_token_idx=batch["lyric_ids"], lyric_mask=None,
                       timestep=torch.tensor([500.0])).sample
     torch.testing.assert_close(plain, masked, rtol=1e-5, atol=1e-6)
+
+
+def test_the_run_reports_the_step_settings_it_resolved(transformer_dir, tmp_path):
+    from pipeline.train import train
+
+    cfg = config(gradient_checkpointing=2, max_steps=1, warmup_steps=0, save_every=0, log_plot_every=0)
+    summary = train(cfg, load_transformer_for_training(transformer_dir, cfg, "cpu"), [song_batch(12)], tmp_path)
+    assert summary["step_settings"] == {"gradient_checkpointing": "2 of 4", "compile": False}
