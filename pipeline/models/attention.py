@@ -21,8 +21,11 @@ from torch import nn
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
-def rope_tables(length: int, head_dim: int, theta: float, device: torch.device | None = None) -> RopeTables:
-    """cos/sin tables [length, head_dim] in fp32 for positions 0..length-1.
+def rope_tables(length: int, head_dim: int, theta: float, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> RopeTables:
+    """cos/sin tables [length, head_dim] for positions 0..length-1, rounded to the activations'
+    ``dtype`` (as the reference casts them) and held in fp32 for the product in apply_rope: made once
+    per forward pass, not once per attention call.
 
     inv_freq[i] = theta^(-2i/head_dim); the table is [freqs, freqs] (so element j uses inv_freq[j mod
     head_dim/2]). Computed on demand instead of cached in a buffer: identical values, nothing to
@@ -32,21 +35,19 @@ def rope_tables(length: int, head_dim: int, theta: float, device: torch.device |
     positions = torch.arange(length, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     table = torch.cat((freqs, freqs), dim=-1)
-    return table.cos(), table.sin()
+    return table.cos().to(dtype).float(), table.sin().to(dtype).float()
 
 
 def apply_rope(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
     """Rotate ``x`` [B, H, S, D] with the checkpoint's adjacent-pair rotation (§2.8).
 
-    rot(x)[2k] = -x[2k+1], rot(x)[2k+1] = x[2k]; out = x·cos + rot(x)·sin. The tables are first cast
-    to the activation dtype (as the reference does), the product is formed in fp32, then cast back.
+    rot(x)[2k] = -x[2k+1], rot(x)[2k+1] = x[2k]; out = x·cos + rot(x)·sin, the product formed in
+    fp32 with the tables of rope_tables(..., dtype=x.dtype), then cast back.
     """
     cos, sin = tables
-    cos = cos.to(device=x.device, dtype=x.dtype)[None, None]
-    sin = sin.to(device=x.device, dtype=x.dtype)[None, None]
     even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((-odd, even), dim=-1).flatten(-2)
-    return (x.float() * cos.float() + rotated.float() * sin.float()).to(x.dtype)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

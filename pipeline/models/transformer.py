@@ -223,8 +223,8 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             hidden_states = hidden_states + cross_norm(hidden_states, block_controlnet_hidden_states) * controlnet_scale
 
         device = hidden_states.device
-        rope = rope_tables(hidden_states.shape[1], self.head_dim, self.rope_theta, device)
-        rope_cross = rope_tables(encoder_hidden_states.shape[1], self.head_dim, self.rope_theta, device)
+        rope = rope_tables(hidden_states.shape[1], self.head_dim, self.rope_theta, device, dtype)
+        rope_cross = rope_tables(encoder_hidden_states.shape[1], self.head_dim, self.rope_theta, device, dtype)
 
         taps: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.transformer_blocks):
