@@ -265,8 +265,10 @@ def _cpp_compiler() -> str | None:
 @pytest.mark.skipif(_cpp_compiler() is None, reason="Inductor on the CPU needs a C++ compiler (none on PATH)")
 def test_compiled_equals_eager(transformer_dir):
     """The real backend (Inductor, on the CPU here): loss and LoRA gradients of the compiled step
-    match eager within 1e-5 (fp32)."""
+    match eager within 1e-5 (fp32). The slowest test here (~1 min on 2 busy cores, mostly the C++
+    compiler); one compile thread spares it the start of a worker pool."""
     import torch._dynamo
+    import torch._inductor.config
 
     from pipeline.train import compile_blocks
 
@@ -280,9 +282,10 @@ def test_compiled_equals_eager(transformer_dir):
         if compiled:
             compile_blocks(model)
         model.zero_grad(set_to_none=True)
-        loss, _ = compute_loss(model, batch, torch.Generator().manual_seed(5), training_sigmas(), cfg,
-                               torch.device("cpu"), torch.float32)
-        loss.backward()
+        with torch._inductor.config.patch(compile_threads=1):
+            loss, _ = compute_loss(model, batch, torch.Generator().manual_seed(5), training_sigmas(), cfg,
+                                   torch.device("cpu"), torch.float32)
+            loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
