@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -154,8 +153,7 @@ def _cuda_like_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
 def count(seconds: float = 180.0, rank: int = 64, checkpointing: str = "all", text_tokens: int = 64,
           lyric_tokens: int = 300, precision: str = "bf16-true") -> dict:
     """One optimizer step (train_step: forward, backward, gradient clipping, AdamW) at full size."""
-    from pipeline.objective import training_sigmas
-    from pipeline.train import PRECISION_DTYPES, _BatchStream, compute_loss, train_step
+    from pipeline.train import PRECISION_DTYPES
     from pipeline.train_config import TrainConfig
 
     dtype = PRECISION_DTYPES[precision]

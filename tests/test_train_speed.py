@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cache.schema import LATENT_RATE, SongFeatures
 from pipeline import checkpointing
 from pipeline.errors import ConfigError
 from pipeline.objective import training_sigmas
@@ -93,8 +94,8 @@ def test_each_setting_recomputes_its_blocks_and_keeps_the_gradients(transformer_
         recomputed = []
         inner = model._gradient_checkpointing_func if model.gradient_checkpointing else None
         if inner is not None:
-            def counting(block, *args, _inner=inner):
-                recomputed.append(next(i for i, b in enumerate(model.transformer_blocks) if b is block))
+            def counting(block, *args, _inner=inner, _blocks=list(model.transformer_blocks), _seen=recomputed):
+                _seen.append(_blocks.index(block))
                 return _inner(block, *args)
             model._gradient_checkpointing_func = counting
         grads[setting] = lora_grads(model, cfg, batch)
@@ -123,9 +124,7 @@ def test_auto_takes_the_fewest_recomputing_blocks_that_fit(transformer_dir):
 
 
 # ------------------------------------------------------------------ g. exact batches > 1
-def song(key: str, frames: int, seed: int) -> "SongFeatures":
-    from cache.schema import LATENT_RATE, SongFeatures
-
+def song(key: str, frames: int, seed: int) -> SongFeatures:
     g = torch.Generator().manual_seed(seed)
     seconds = frames / LATENT_RATE
     return SongFeatures(key=key, latents=torch.randn(8, 16, frames, generator=g),
