@@ -5,8 +5,8 @@ source both build batches with these functions, which is what keeps cached == li
 
 Batch (B samples):
     keys         list[str]
-    latents      float [B,8,16,T]        zero padded to the longest sample
-    latent_mask  float [B,T]             1 valid / 0 pad
+    latents      float [B,8,16,T]        make_batch crops every sample to the same T (no padding)
+    latent_mask  float [B,T]             1 valid / 0 pad (all ones from make_batch)
     text_states  float [B,L_txt,D_txt]   the chosen prompt variant, zero padded
     text_mask    long  [B,L_txt]
     speaker      float [B,S]             zeros (the released checkpoint has no speaker input, spec §4.2)
@@ -18,6 +18,7 @@ Batch (B samples):
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 
 import torch
@@ -57,11 +58,15 @@ def crop_song(features: SongFeatures, start_frame: int, n_frames: int) -> SongFe
     t0, t1 = start / LATENT_RATE, stop / LATENT_RATE
     # Copies, not views: a view would keep (and ship from a DataLoader worker) the whole song.
     changes: dict = {"latents": features.latents[..., start:stop].clone()}
-    if features.mert is not None:
-        changes["mert"] = features.mert[_frame_span(t0, t1, MERT_RATE, features.mert.shape[0])].clone()
-    if features.mhubert is not None:
-        changes["mhubert"] = features.mhubert[_frame_span(t0, t1, MHUBERT_RATE, features.mhubert.shape[0])].clone()
+    for name, rate in (("mert", MERT_RATE), ("mhubert", MHUBERT_RATE)):
+        if getattr(features, name) is not None:
+            changes[name] = _cut_ssl(getattr(features, name), t0, t1, rate)
     return features.replace(**changes)
+
+
+def _cut_ssl(frames: torch.Tensor, t0: float, t1: float, rate: float) -> torch.Tensor:
+    """The SSL frames [T, D] of the time span t0..t1 seconds (a copy)."""
+    return frames[_frame_span(t0, t1, rate, frames.shape[0])].clone()
 
 
 def random_crop_start(total_frames: int, window_frames: int, rng: random.Random) -> int:
@@ -86,15 +91,82 @@ def choose_variant(features: SongFeatures, rng: random.Random) -> tuple[torch.Te
     return features.text_states[k, :length], mask[:length]
 
 
-def make_sample(features: SongFeatures, rng: random.Random, max_seconds: float) -> dict:
-    """Random crop to ``max_seconds`` + random prompt variant -> one sample for ``collate``."""
-    window = max_frames(max_seconds)
+def make_sample(features: SongFeatures, rng: random.Random, max_seconds: float, frames: int | None = None) -> dict:
+    """Random crop + random prompt variant -> one sample for ``collate``. The crop is ``frames`` long
+    (default: the whole song, at most ``max_seconds``)."""
+    window = max_frames(max_seconds) if frames is None else frames
     total = features.latents.shape[-1]
     if total > window:
         features = crop_song(features, random_crop_start(total, window, rng), window)
     states, mask = choose_variant(features, rng)
     return {"key": features.key, "latents": features.latents, "text_states": states, "text_mask": mask,
             "lyric_ids": features.lyric_ids, "mert": features.mert, "mhubert": features.mhubert}
+
+
+def batch_frames(lengths: list[int], max_seconds: float) -> int:
+    """The crop length of every sample of one batch: the shortest song's, at most ``max_seconds``.
+
+    Equal lengths mean no padded frames, and that matters: the patch embedding's GroupNorm takes its
+    statistics over all frames and the FFN's depthwise conv mixes neighbours, so padding would change
+    the valid frames' result (a sample would depend on its neighbours in the batch)."""
+    return min(min(lengths), max_frames(max_seconds))
+
+
+def make_batch(songs: list[SongFeatures], rngs: list[random.Random], max_seconds: float, speaker_dim: int = 512,
+               dtype: torch.dtype | None = None) -> dict:
+    """Songs -> one batch of equal-length random crops (``batch_frames``); one random source per song."""
+    frames = batch_frames([song.latents.shape[-1] for song in songs], max_seconds)
+    return collate([make_sample(song, rng, max_seconds, frames) for song, rng in zip(songs, rngs)], speaker_dim, dtype)
+
+
+# ------------------------------------------------------------------ shape buckets
+# A compiled model compiles once per input shape. Crops are cut down to window·2^(-i/4) frames
+# (a crop keeps more than 84 % of what the song offers) and the conditioning (speaker + prompt +
+# lyrics) is padded up to ⌈2^(j/2)⌉ tokens, so a run over any songs sees a few shapes only.
+LATENT_BUCKETS_PER_OCTAVE = 4
+CONDITION_BUCKETS_PER_OCTAVE = 2
+
+
+def latent_bucket(frames: int, window: int) -> int:
+    """The longest crop length window·2^(-i/4), i = 0, 1, ..., that is not above ``frames``."""
+    i, edge = 0, window
+    while edge > frames:
+        i += 1
+        edge = int(window * 2 ** (-i / LATENT_BUCKETS_PER_OCTAVE))
+    return max(edge, 1)
+
+
+def condition_bucket(tokens: int) -> int:
+    """The shortest length ⌈2^(j/2)⌉, j = 0, 1, ..., that holds ``tokens``."""
+    j = 0
+    while math.ceil(2 ** (j / CONDITION_BUCKETS_PER_OCTAVE)) < tokens:
+        j += 1
+    return math.ceil(2 ** (j / CONDITION_BUCKETS_PER_OCTAVE))
+
+
+def bucket_batch(batch: dict, generator: torch.Generator, max_seconds: float) -> dict:
+    """``batch`` in shape buckets (a new dict): every sample cut to a random window of the latent
+    bucket of the shortest one (SSL targets cut to the same time span) and the lyrics padded so that
+    speaker + prompt + lyrics is a condition bucket long. Exact: nothing is padded along the latent
+    time axis, and padded lyric tokens are masked out of every attention. The window starts are drawn
+    from ``generator``."""
+    lengths = batch["latent_mask"].sum(dim=1).long().tolist()
+    frames = latent_bucket(min(lengths), max_frames(max_seconds))
+    out = dict(batch)
+    if frames != batch["latents"].shape[-1] or min(lengths) != max(lengths):
+        starts = [int(torch.randint(0, length - frames + 1, (), generator=generator)) for length in lengths]
+        out["latents"] = torch.stack([x[..., s:s + frames] for x, s in zip(batch["latents"], starts)])
+        out["latent_mask"] = batch["latent_mask"].new_ones(len(lengths), frames)
+        for name, rate in (("mert", MERT_RATE), ("mhubert", MHUBERT_RATE)):
+            if batch.get(name) is not None:
+                out[name] = [None if x is None else _cut_ssl(x, s / LATENT_RATE, (s + frames) / LATENT_RATE, rate)
+                             for x, s in zip(batch[name], starts)]
+    prompt, lyrics = batch["text_states"].shape[1], batch["lyric_ids"].shape[1]
+    pad = condition_bucket(1 + prompt + lyrics) - (1 + prompt + lyrics)
+    if pad:
+        out["lyric_ids"] = torch.nn.functional.pad(batch["lyric_ids"], (0, pad))
+        out["lyric_mask"] = torch.nn.functional.pad(batch["lyric_mask"], (0, pad))
+    return out
 
 
 def collate(samples: list[dict], speaker_dim: int = 512, dtype: torch.dtype | None = None) -> dict:

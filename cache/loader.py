@@ -6,7 +6,7 @@ The pipeline has two halves so that order planning is free and the data is read 
                             -> node split (rank::world_size)
                             -> expand a unit into its songs' keys
                             -> wds.shuffle(shuffle_buffer, rng=f(seed, epoch, rank))
-                            -> wds.batched(batch_size)            epochs chained, resume skips here
+                            -> batches of batch_size songs of one length bucket   epochs chained, resume skips here
   load (per worker)         wds.split_by_worker (by batch) -> wds.map(read + crop + collate)
 
 A *unit* (what WebDataset calls a shard) is up to ``songs_per_unit`` consecutive songs of one
@@ -14,7 +14,10 @@ latents shard; small units keep nodes and workers busy even for the tens of song
 Workers split whole batches round-robin, which is exactly the order torch's DataLoader hands them
 back in, so the batch sequence depends on (seed, epoch, rank, world_size) but not on num_workers,
 and resuming at (epoch, batches_consumed) just skips keys in the plan: nothing is read to skip.
-Crops and prompt variants come from sample_rng(seed, epoch, key).
+Crops and prompt variants come from sample_rng(seed, epoch, key). A batch of several songs holds
+songs of one length bucket (cache.collate.latent_bucket, from the lengths in the index; the few left
+over at the end of an epoch fill batches across neighbouring buckets), all cropped to the shortest
+one's length, so no sample is padded.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 import torch.utils.data
 import webdataset as wds
 
-from cache.collate import collate, make_sample, sample_rng
+from cache.collate import latent_bucket, make_batch, max_frames, sample_rng
 from cache.fingerprint import check_cache
 from cache.shards import CacheIndex
 from cache.schema import STREAM_NAMES, SongFeatures
@@ -84,13 +87,31 @@ def _expand_units(src, units: dict[str, list[str]], epoch: int):
             yield {"__key__": key, "__url__": shard["url"], "epoch": epoch}
 
 
+def _length_batches(src, batch_size: int, bucket_of: dict[str, int], partial: bool):
+    """Batches of ``batch_size`` samples of one length bucket, each emitted as soon as it is full (in
+    stream order). What is left at the end, longest bucket first, fills batches across neighbouring
+    buckets, so an epoch has as many batches as plain batching would give."""
+    waiting: dict[int, list[dict]] = {}
+    for sample in src:
+        group = waiting.setdefault(bucket_of[sample["__key__"]], [])
+        group.append(sample)
+        if len(group) == batch_size:
+            yield waiting.pop(bucket_of[sample["__key__"]])
+    rest = [sample for bucket in sorted(waiting, reverse=True) for sample in waiting[bucket]]
+    for i in range(0, len(rest), batch_size):
+        if len(rest[i:i + batch_size]) == batch_size or partial:
+            yield rest[i:i + batch_size]
+
+
 class _Plan:
     """Everything a worker needs; picklable (spawned workers get a copy)."""
 
     def __init__(self, index: CacheIndex, units: dict[str, list[str]], settings: LoaderSettings,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, frames: dict[str, int]):
         self.index = index
         self.units = units
+        window = max_frames(settings.max_seconds)
+        self.bucket_of = {key: latent_bucket(min(n, window), window) for key, n in frames.items()}
         self.settings = settings
         self.rank = rank
         self.world_size = world_size
@@ -129,7 +150,11 @@ class _Plan:
         if s.shuffle_buffer > 1:
             rng = random.Random(_derived_seed(s.seed, epoch, "samples", self.rank))
             stages.append(wds.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng))
-        stages.append(wds.batched(s.batch_size, collation_fn=None, partial=not s.drop_last))
+        if s.batch_size == 1:
+            stages.append(wds.batched(1, collation_fn=None))
+        else:
+            stages.append(functools.partial(_length_batches, batch_size=s.batch_size, bucket_of=self.bucket_of,
+                                            partial=not s.drop_last))
         for batch in wds.DataPipeline(*stages):
             yield [sample["__key__"] for sample in batch]
 
@@ -148,14 +173,11 @@ class _Plan:
                 return  # this node has no data: stop instead of spinning over empty epochs
             epoch += 1
 
-    def load_sample(self, key: str, epoch: int) -> dict:
-        features = self.read_song(key)
-        return make_sample(features, sample_rng(self.settings.seed, epoch, key), self.settings.max_seconds)
-
     def load_batch(self, planned: tuple[int, int, list[str]]) -> dict:
         epoch, index, keys = planned
-        samples = [self.load_sample(key, epoch) for key in keys]
-        batch = collate(samples, self.settings.speaker_dim, self.dtype)
+        s = self.settings
+        batch = make_batch([self.read_song(key) for key in keys], [sample_rng(s.seed, epoch, key) for key in keys],
+                           s.max_seconds, s.speaker_dim, self.dtype)
         batch["_epoch"], batch["_index"] = epoch, index
         return batch
 
@@ -221,7 +243,8 @@ class CacheLoader:
             mine = [e.key for e in info.songs if e.key in chosen and latents_live[e.key][0] is info]
             for j in range(0, len(mine), per_unit):
                 units[f"{info.name}#{j // per_unit}"] = mine[j:j + per_unit]
-        self._plan = _Plan(index, units, s, rank, world_size)
+        frames = {key: latents_live[key][1].shapes["latents"][-1] for key in self.keys}
+        self._plan = _Plan(index, units, s, rank, world_size, frames)
         if self.batches_per_epoch(0) == 0:
             raise CacheError(f"node {rank} of {world_size} gets no songs from {index.url} ({len(self.keys)} songs in "
                              f"{len(units)} units): use fewer nodes than songs")

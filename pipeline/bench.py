@@ -494,6 +494,7 @@ def _child_train(spec: dict) -> dict:
     result.update(step_times=times, median_s=statistics.median(steady), warmup=warm, steps=len(steady),
                   loadavg_1min=os.getloadavg()[0],
                   last_loss=summary.get("last_loss"), shapes=shapes, peak_rss_mb=peak_rss_mb())
+    result["step_settings"] = summary.get("step_settings")  # as resolved (e.g. auto checkpointing → "13 of 24")
     return result
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cache.collate import collate, make_sample, sample_rng
+from cache.collate import make_batch, make_sample, sample_rng
 from cache.schema import SongFeatures
 from pipeline.audio import load_audio, pad_to_min
 from pipeline.config import ProjectConfig
@@ -95,8 +95,9 @@ class LiveSource:
             batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
             while self.batches_consumed < len(batches):
                 group = batches[self.batches_consumed]
-                batch = collate([self.sample(s, self.epoch) for s in group], speaker_dim=self.speaker_dim,
-                                dtype=self.dtype)
+                rngs = [sample_rng(self.seed, self.epoch, s.id) for s in group]
+                batch = make_batch([self.features(s) for s in group], rngs, self.max_seconds, self.speaker_dim,
+                                   self.dtype)
                 self.batches_consumed += 1
                 yield batch
             self.epoch, self.batches_consumed = self.epoch + 1, 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -101,7 +102,8 @@ def plot_loss(records: Iterable[dict[str, Any]], path: str | Path, title: str = 
 
 
 class MetricsLogger:
-    """Appends one record per step; redraws loss.png every ``plot_every`` steps.
+    """Appends one record per step; redraws loss.png every ``plot_every`` steps, on a background
+    thread (a drawing takes about a second; the training step does not wait for it).
 
     Disabled (every method a no-op) on ranks other than 0.
     """
@@ -117,6 +119,8 @@ class MetricsLogger:
         self._records: list[dict[str, Any]] = []
         self._file = None
         self._tb = None
+        self._plotter: threading.Thread | None = None
+        self._plot_error: BaseException | None = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +152,7 @@ class MetricsLogger:
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(tag, value, record["step"])
         if self.plot_every and record["step"] % self.plot_every == 0:
-            self.plot()
+            self._plot_soon()
 
     def sync(self) -> None:
         """Flush metrics.jsonl to disk (with each checkpoint: a power cut keeps what it covers)."""
@@ -156,13 +160,40 @@ class MetricsLogger:
             os.fsync(self._file.fileno())
 
     def plot(self) -> Path | None:
+        """Redraw loss.png now (after a background drawing, if one runs)."""
         if not self.enabled:
             return None
+        self._join_plotter()
         return plot_loss(self._records, self.png, self.title)
+
+    def _plot_soon(self) -> None:
+        """Start a drawing of the records so far, unless one still runs (the next request, or the
+        final plot(), draws the newer records). A failed drawing raises here, on the next request."""
+        if self._plotter is not None and self._plotter.is_alive():
+            return
+        self._join_plotter()
+        self._plotter = threading.Thread(target=self._draw, args=(list(self._records),), name="loss.png", daemon=True)
+        self._plotter.start()
+
+    def _draw(self, records: list[dict[str, Any]]) -> None:
+        try:
+            plot_loss(records, self.png, self.title)
+        except BaseException as exc:  # handed to the training thread
+            self._plot_error = exc
+
+    def _join_plotter(self) -> None:
+        if self._plotter is not None:
+            self._plotter.join()
+            self._plotter = None
+        error, self._plot_error = self._plot_error, None
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         if not self.enabled:
             return
+        if self._plotter is not None:
+            self._plotter.join()  # a drawing's error is not raised here: close() runs as the loop unwinds
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -102,21 +102,22 @@ def total_loss(
     denoise: torch.Tensor,
     proj_losses: Sequence[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | None,
     ssl_coeff: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """total = denoise + ssl_coeff × mean of the SSL projection losses (none: denoise alone).
 
     ``proj_losses``: the transformer's ``[("mert", l1), ("m-hubert", l2)]`` (or a dict).
-    Returns (total, parts) with parts = {loss, denoise_loss, mert_loss, mhubert_loss} as floats
-    (an absent SSL loss is reported as 0.0)."""
+    Returns (total, parts) with parts = {loss, denoise_loss, mert_loss, mhubert_loss} as detached
+    fp32 scalars on the losses' device (an absent SSL loss is 0): reading them is left to the caller,
+    which fetches all of a step's numbers at once (each read is a GPU→CPU sync)."""
     items = list(proj_losses.items()) if isinstance(proj_losses, Mapping) else list(proj_losses or [])
     total = denoise
     if items:
         total = denoise + ssl_coeff * torch.stack([loss.float() for _, loss in items]).mean()
-    parts = {"loss": float(total.detach()), "denoise_loss": float(denoise.detach()),
-             "mert_loss": 0.0, "mhubert_loss": 0.0}
+    zero = torch.zeros((), device=denoise.device)
+    parts = {"loss": total.detach().float(), "denoise_loss": denoise.detach().float(), "mert_loss": zero,
+             "mhubert_loss": zero}
     for name, loss in items:
-        key = SSL_NAMES.get(name, f"{name}_loss")
-        parts[key] = float(loss.detach())
+        parts[SSL_NAMES.get(name, f"{name}_loss")] = loss.detach().float()
     return total, parts
 
 

@@ -10,6 +10,7 @@ text or SSL encoders are imported here. Previews are a callback the caller passe
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import signal
@@ -24,7 +25,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from pipeline import distributed
+from cache.collate import bucket_batch
+from pipeline import checkpointing, distributed
 from pipeline.errors import AceTurboError, CacheError, CheckpointError, ConfigError
 from pipeline.fileio import write_text_atomic
 from pipeline.metrics import MetricsLogger, read_metrics, truncate_metrics
@@ -86,12 +88,45 @@ def load_transformer_for_training(transformer_dir: str | Path, config: TrainConf
     model = ACEStepTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
     model.requires_grad_(False)
     model.to(device=device)  # already in `dtype` (a .to(dtype) here would make diffusers warn)
-    if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)
     apply_lora(model, lora_settings(config), adapter_name=ADAPTER, dtype=dtype)
+    configure_step(model, config, device)
     model.train()  # official: Lightning trains the transformer in train mode (lyric-encoder dropout on)
     return model
+
+
+def configure_step(model, config: TrainConfig, device: torch.device) -> None:
+    """The speed/memory settings of the training step: which blocks recompute in backward (auto: the
+    fewest that fit the device's free memory at the longest batch the run can see), compiled blocks."""
+    from cache.collate import max_frames
+
+    blocks = checkpointing.resolve(model, config.gradient_checkpointing, torch.device(device),
+                                   tokens=max_frames(config.max_seconds), batch=config.batch_size)
+    checkpointing.apply(model, config.gradient_checkpointing, blocks)
+    if config.compile:
+        compile_blocks(model)
+
+
+# One compile per shape bucket (cache.collate.bucket_batch): a run over songs of all lengths sees a
+# few dozen at most; torch's default limit (8) would fall back to eager for the rest.
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(model, backend: str | Callable = "inductor") -> None:
+    """torch.compile the DiT block (diffusers' regional compilation: one graph, reused by every block,
+    compiled per shape). The step feeds it shape-bucketed batches (compute_loss)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    model.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=False)
+    # The first block's input comes from frozen layers; every other block's needs a gradient. The
+    # compiled graph depends on that, so without this the first block would compile a second graph
+    # per shape. The extra input gradient costs ~0.3 % of a step's matmul work.
+    model.proj_in.register_forward_hook(_input_needs_grad)
+
+
+def _input_needs_grad(module, args, output: torch.Tensor):
+    return output.detach().requires_grad_() if torch.is_grad_enabled() and not output.requires_grad else None
 
 
 def lr_factor(step: int, warmup: int, max_steps: int) -> float:
@@ -103,12 +138,16 @@ def lr_factor(step: int, warmup: int, max_steps: int) -> float:
 
 # ------------------------------------------------------------------ one step
 def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.Tensor, config: TrainConfig,
-                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, float]]:
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Official run_step (spec §6.3) on one batch: CFG dropout, sigma, x_t, forward, losses.
 
     All randomness comes from `generator` on the CPU, before the batch moves to the device, so the
-    same seed gives the same noise on any device.
+    same seed gives the same noise on any device. With `compile`, the batch is first cut to its
+    shape bucket (a random window, from `generator` too). Nothing here waits for the device: the
+    parts come back as device scalars (train_step reads them once per optimizer step).
     """
+    if config.compile:
+        batch = bucket_batch(batch, generator, config.max_seconds)
     batch = cfg_dropout(batch, generator, text_p=config.text_dropout, speaker_p=config.speaker_dropout,
                         lyric_p=config.lyric_dropout)
     noise = torch.randn(batch["latents"].shape, generator=generator, dtype=torch.float32)
@@ -118,53 +157,85 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
 
 
 def forward_loss(model, batch: dict, noise: torch.Tensor, sigma: torch.Tensor, config: TrainConfig,
-                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, float]]:
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one batch at the given noise ε and σ [B]: x_t, forward, losses (no randomness;
-    compute_loss and the validation loss share it)."""
+    compute_loss and the validation loss share it). ``noise`` and ``sigma`` may be on the CPU."""
+    noise, sigma = _to_device_together(noise, sigma, device=device)  # fp32; σ and 1000σ stay fp32
+    # Nothing padded (read on the CPU: no sync): the model skips that mask. Latent frames never are
+    # (the loaders crop a batch to equal lengths); prompt and lyrics at batch 1 mostly not, and then
+    # the cross-attention runs unmasked (flash kernels). Compiled, a mask is always passed: a graph
+    # with and one without would double the compiles, and the buckets pad the lyrics anyway.
+    frames_unpadded = _all_ones(batch["latent_mask"])
+    tokens_unpadded = not config.compile and _all_ones(batch["text_mask"]) and _all_ones(batch["lyric_mask"])
     b = batch_to_device(batch, device, dtype)
-    x0, noise = b["latents"], noise.to(device, dtype)
-    x_t = noisy_latents(x0, noise, sigma.to(device, dtype))
+    x0 = b["latents"]
+    x_t = noisy_latents(x0, noise.to(dtype), sigma)
     # SSL targets only when every sample has both (a cache made without them gives Nones)
     mert, mhubert = b.get("mert") or [], b.get("mhubert") or []
     ssl = [mert, mhubert] if mert and mhubert and all(x is not None for x in mert + mhubert) else None
     out = model(
-        hidden_states=x_t, attention_mask=b["latent_mask"],
-        encoder_text_hidden_states=b["text_states"], text_attention_mask=b["text_mask"],
-        speaker_embeds=b["speaker"], lyric_token_idx=b["lyric_ids"], lyric_mask=b["lyric_mask"],
-        timestep=(1000.0 * sigma).to(device),  # fp32: a bf16 timestep would round 1000σ to steps of 4
+        hidden_states=x_t, attention_mask=None if frames_unpadded else b["latent_mask"],
+        encoder_text_hidden_states=b["text_states"], text_attention_mask=None if tokens_unpadded else b["text_mask"],
+        speaker_embeds=b["speaker"], lyric_token_idx=b["lyric_ids"],
+        lyric_mask=None if tokens_unpadded else b["lyric_mask"],
+        timestep=1000.0 * sigma,  # fp32: a bf16 timestep would round 1000σ to steps of 4
         ssl_hidden_states=ssl,
     )
-    denoise = denoise_loss(out.sample, x_t, x0, sigma.to(device, dtype), b["latent_mask"])
+    denoise = denoise_loss(out.sample, x_t, x0, sigma, b["latent_mask"])
     return total_loss(denoise, out.proj_losses or [], ssl_coeff=config.ssl_coeff)
+
+
+def _all_ones(mask: torch.Tensor) -> bool:
+    """True when a CPU mask has no zero (a device mask is not read: that would wait for the device)."""
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
+LOSS_KEYS = ("loss", "denoise_loss", "mert_loss", "mhubert_loss")
 
 
 def train_step(model, source: "_BatchStream", optimizer, scheduler, params: list[torch.nn.Parameter],
                generator: torch.Generator, sigmas: torch.Tensor, config: TrainConfig,
                device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """One optimizer step over `grad_accumulation` batches; returns its metrics."""
+    """One optimizer step over `grad_accumulation` batches; returns its metrics (losses averaged over
+    the micro-batches and, under DDP, over the ranks).
+
+    The host waits for the device once per step: every logged number (losses, gradient norm, the
+    LoRA signals) is fetched in one copy after the update, and the NaN/inf check reads that copy (a
+    diverged step is never saved). All micro-batches are
+    taken from the source before any random draw, so an interrupt raised by the source leaves the
+    random state as it was at the step's start.
+    """
     accum = config.grad_accumulation
-    parts_sum: dict[str, float] = {}
-    for micro in range(accum):
-        batch = source.next()
+    batches = [source.next() for _ in range(accum)]
+    parts_sum = None
+    for micro, batch in enumerate(batches):
         # DDP: all-reduce gradients only on the last micro-batch of the step
         sync = micro == accum - 1 or not hasattr(model, "no_sync")
         with nullcontext() if sync else model.no_sync():
             loss, parts = compute_loss(model, batch, generator, sigmas, config, device, dtype)
-            if distributed.any_rank(not math.isfinite(parts["loss"]), device):
-                raise TrainingDiverged(f"loss is {parts['loss']} (NaN/inf)")
             (loss / accum).backward()
-        for key, value in parts.items():
-            parts_sum[key] = parts_sum.get(key, 0.0) + value / accum
+        parts = torch.stack([parts[key] for key in LOSS_KEYS]) / accum
+        parts_sum = parts if parts_sum is None else parts_sum + parts
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if not math.isfinite(grad_norm):  # same value on every rank: the gradients are all-reduced
-        raise TrainingDiverged(f"gradient norm is {grad_norm} (NaN/inf)")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # same on every rank: gradients are all-reduced
     lr = scheduler.get_last_lr()[0]  # the rate this step uses (the official train/learning_rate)
     before = [p.detach().clone() for p in params]  # one transient copy of the LoRA weights
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**parts_sum, "lr": lr, "grad_norm": grad_norm, **lora_signals(params, before)}
+    signals = lora_signals(params, before)
+    # The one host sync of the step: every logged number in one copy, after the update. A NaN/inf
+    # loss or gradient has then already reached the weights, but a diverged run is never saved (the
+    # last checkpoint on disk stays the good one). NaN/inf on any rank makes the mean over ranks
+    # NaN/inf too, so every rank stops at the same step.
+    keys = LOSS_KEYS + ("grad_norm", "lora_norm", "update_ratio")
+    values = torch.cat([parts_sum.float(), grad_norm.float().reshape(1),
+                        torch.stack([signals["lora_norm"], signals["update_ratio"]]).float()])
+    record = dict(zip(keys, distributed.mean_across_ranks(values).tolist()))
+    for key in ("loss", "grad_norm"):
+        if not math.isfinite(record[key]):
+            raise TrainingDiverged(f"{'loss' if key == 'loss' else 'gradient norm'} is {record[key]} (NaN/inf)")
+    return {**record, "lr": lr}
 
 
 def lora_signals(params: list[torch.nn.Parameter], before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -309,8 +380,9 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
                           "load_transformer_for_training (or apply_lora) before train().")
     settings = lora_settings(config)
     model = distributed.wrap(transformer)
+    # fused: one multi-tensor kernel for the whole update on CUDA
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.betas),
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup=config.warmup_steps, max_steps=config.max_steps))
     sigmas = training_sigmas(shift=config.shift)
@@ -336,6 +408,11 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
     validator = _Validation(validation, transformer, config, run_dir, rank, device, dtype)
     if resume:
         validator.resume()
+    step_settings = {"gradient_checkpointing": checkpointing.describe(transformer.checkpointed_blocks,
+                                                                      len(transformer.transformer_blocks)),
+                     "compile": config.compile}
+    _say(rank, f"step: gradient checkpointing {step_settings['gradient_checkpointing']} (setting "
+               f"{config.gradient_checkpointing}), compile {'on' if config.compile else 'off'}")
     source = _BatchStream(batches, loop.epoch)
     last_good = latest_checkpoint(run_dir) if resume else None
     saved_step = loop.step if resume else -1
@@ -365,7 +442,9 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
                 if distributed.any_rank(stop.reason is not None or validator.should_stop, device):
                     stopped = stop.reason or (EARLY_STOP if validator.should_stop else "stopped by another rank")
                     break
-                start = _position(loop, generator, source)  # what an interrupt mid-step saves
+                # what an interrupt mid-step saves; its RNG states are read only if one comes (the
+                # step draws nothing before it has all its batches)
+                start = LoopState(step=loop.step, epoch=source.epoch, loader=source.state())
                 if preview is not None and config.plot_every and loop.step % config.plot_every == 0:
                     _run_preview(preview, transformer, source, loop.step, rank, device)
                 tic = time.perf_counter()
@@ -390,7 +469,8 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
             if stop.hard:  # a second Ctrl-C may land inside the optimizer update: save nothing
                 _say(rank, f"stopped at once; the last checkpoint is {last_good}.")
             else:  # raised by the batch source or the preview, before this step changed any weight
-                loop = start or _position(loop, generator, source)
+                loop = dataclasses.replace(start, rng=capture_rng(generator)) if start else \
+                    _position(loop, generator, source)
                 save(loop, collective=False)
         except TrainingDiverged as exc:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
@@ -409,6 +489,7 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
         "sec_per_step": sum(steady) / len(steady) if steady else None,
         "tensorboard": logger.has_tensorboard if rank.is_main else False,
         **validator.summary(),
+        "step_settings": step_settings,
     }
     if stopped == EARLY_STOP:
         _say(rank, f"{validator.stop_message()}; stopped at step {loop.step}, checkpoint {last_good}.")
@@ -539,26 +620,37 @@ def _run_preview(preview: Preview, transformer, source: _BatchStream, step: int,
 
 
 def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, rank, device) -> dict:
-    keys = ("loss", "denoise_loss", "mert_loss", "mhubert_loss")
-    values = [float(record.get(k, float("nan"))) for k in keys]
-    if rank.enabled:  # log the mean over ranks, like Lightning's sync_dist
-        values = distributed.mean_across_ranks(torch.tensor(values, device=device)).tolist()
+    """The metrics.jsonl record of a step (train_step's losses are already the mean over ranks, like
+    Lightning's sync_dist)."""
     samples = config.batch_size * config.grad_accumulation * rank.world_size
-    lora_norm, update_ratio = torch.stack([record["lora_norm"].float(), record["update_ratio"].float()]).tolist()
-    return {"step": loop.step, "epoch": loop.epoch, **dict(zip(keys, values)), "lr": record["lr"],
-            "grad_norm": record["grad_norm"], "lora_norm": lora_norm, "update_ratio": update_ratio,
+    return {"step": loop.step, "epoch": loop.epoch, **{k: record[k] for k in LOSS_KEYS}, "lr": record["lr"],
+            "grad_norm": record["grad_norm"], "lora_norm": record["lora_norm"], "update_ratio": record["update_ratio"],
             "sec_per_step": round(seconds, 6), "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`."""
+    """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`. To a GPU the
+    copies come from pinned memory and do not block the host (the cast happens on the device)."""
     def move(x):
         if isinstance(x, torch.Tensor):
-            return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+            x = _to_device(x, device)
+            return x.to(dtype) if x.is_floating_point() else x
         if isinstance(x, (list, tuple)):
             return [move(v) for v in x]
         return x
     return {key: move(value) for key, value in batch.items()}
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+
+
+def _to_device_together(*tensors: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Same-dtype CPU tensors to `device` in one copy (then split there)."""
+    flat = _to_device(torch.cat([t.reshape(-1) for t in tensors]), device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _seed_global(seed: int) -> None:

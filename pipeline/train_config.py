@@ -72,11 +72,17 @@ class TrainConfig:
     speaker_dropout: float = _opt(0.5, "CFG dropout: probability a sample's speaker embedding is zeroed.")
     lyric_dropout: float = _opt(0.15, "CFG dropout: probability a sample's lyrics (ids and mask) are zeroed.")
     # --- data ---
-    batch_size: int = _opt(1, "Songs per batch (official 1; >1 pads to the longest window).")
+    batch_size: int = _opt(1, "Songs per batch (official 1; >1 batches songs of similar length, each cropped to the shortest).")
     max_seconds: float = _opt(240.0, "Longest audio window per sample in seconds (official crop: 240).")
-    num_workers: int = _opt(0, "Data-loader worker processes (cached mode).")
+    num_workers: int = _opt(-1, "Data-loader worker processes (cached mode); -1: 2 on CUDA (the next batches are read "
+                                "and pinned while the GPU works), 0 on the CPU.")
     live: bool = _opt(False, "Encode songs on the fly instead of reading the feature cache (needs all encoders in memory).")
-    gradient_checkpointing: bool = _opt(True, "Recompute activations in backward: much less memory, ~30% slower.")
+    gradient_checkpointing: str = _opt(
+        "auto", "Which DiT blocks recompute their activations in backward: auto (the fewest that fit the "
+        "device's free memory), all (least memory, ~30% slower), none (fastest), or k (every k-th block). "
+        "true/false = all/none.", normalize="checkpointing", cli_off="none")
+    compile: bool = _opt(False, "Compile the DiT block with torch.compile (CUDA; a compile per shape bucket at the "
+                                "start, then faster steps): crops are cut to a few lengths, lyrics padded to a few.")
     # --- outputs ---
     save_every: int = _opt(500, "Write a LoRA checkpoint every N optimizer steps (a final one is always written).")
     keep_last: int = _opt(5, "Keep only the newest K checkpoint folders (0: keep all).")
@@ -90,10 +96,17 @@ class TrainConfig:
     val_seed: int = _opt(0, "Seed of the validation noise, crops and prompt variants (fixed, so runs with other seeds compare).")
     early_stop_patience: int = _opt(0, "Stop after this many validations without a new best validation loss (0: off).")
 
+    def __post_init__(self):
+        self.gradient_checkpointing = normalize_checkpointing(self.gradient_checkpointing)
+
     # ---------------------------------------------------------------- helpers
     @property
     def run_name(self) -> str:
         return self.experiment or self.preset
+
+    def loader_workers(self, device_type: str) -> int:
+        """num_workers, with -1 resolved for a device of this type ("cuda" or "cpu")."""
+        return self.num_workers if self.num_workers >= 0 else (2 if device_type == "cuda" else 0)
 
     @property
     def lora_scale(self) -> float:
@@ -133,7 +146,7 @@ class TrainConfig:
             _check(0.0 <= getattr(self, name) <= 1.0, name, "must be a probability in [0, 1]")
         _check(self.batch_size >= 1, "batch_size", "must be ≥ 1")
         _check(self.max_seconds > 0, "max_seconds", "must be > 0 (official 240)")
-        _check(self.num_workers >= 0, "num_workers", "must be ≥ 0")
+        _check(self.num_workers >= -1, "num_workers", "must be ≥ 0, or -1 for 2 on CUDA and 0 on the CPU")
         for name in ("save_every", "keep_last", "plot_every", "log_plot_every", "val_every", "val_max_songs",
                      "early_stop_patience"):
             _check(getattr(self, name) >= 0, name, "must be ≥ 0")
@@ -186,13 +199,16 @@ def _check(ok: bool, name: str, fix: str) -> None:
 
 
 # ------------------------------------------------------------------ field table and coercion
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def fields_help() -> list[dict[str, Any]]:
     """[{name, type, default, help}] in declaration order (for the CLI and the web UI)."""
     rows = []
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         rows.append({"name": f.name, "type": _kind(f), "default": getattr(defaults, f.name),
-                     "help": f.metadata.get("help", "")})
+                     "help": f.metadata.get("help", ""), "cli_off": f.metadata.get("cli_off")})
     return rows
 
 
@@ -256,8 +272,34 @@ def from_params(params: dict[str, Any] | None, base: TrainConfig | None = None) 
         raise ConfigError(
             f"unknown train setting(s) {', '.join(unknown)}; valid names: {', '.join(kinds)}."
         )
-    changes = {name: _coerce(name, kinds[name], value) for name, value in params.items() if value is not None}
+    changes = {name: _coerce(name, kinds[name], _normalize(name, value)) for name, value in params.items()
+               if value is not None}
     return dataclasses.replace(base, **changes)
+
+
+def _normalize(name: str, value: Any) -> Any:
+    """Settings with more than one spelling (e.g. gradient_checkpointing: true = all) to the one stored."""
+    if _FIELDS[name].metadata.get("normalize") == "checkpointing":
+        return normalize_checkpointing(value)
+    return value
+
+
+def normalize_checkpointing(value: Any) -> str:
+    """gradient_checkpointing as given → "auto" | "all" | "none" | "<k>" (k ≥ 2; the old booleans map to
+    all/none); ConfigError for anything else. pipeline/checkpointing.py acts on the result."""
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on"):
+        return "all"
+    if text in ("false", "no", "off", "0"):
+        return "none"
+    if text in ("auto", "all", "none"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return "all" if int(text) == 1 else str(int(text))
+    raise ConfigError(f"train setting 'gradient_checkpointing' has value {value!r}: use auto, all, none, or an "
+                      "integer k to recompute every k-th block.")
 
 
 # ------------------------------------------------------------------ presets

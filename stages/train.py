@@ -43,6 +43,9 @@ def _config_options(func):
         else:
             option = click.option(flag, name, type=_KIND_TYPES[kind], default=None, help=help_text)
         func = option(func)
+        if row.get("cli_off"):  # a former on/off switch: --no-NAME still works (= NAME cli_off)
+            func = click.option(f"--no-{name.replace('_', '-')}", name, flag_value=row["cli_off"], default=None,
+                                hidden=True)(func)
     return func
 
 
@@ -190,7 +193,7 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         if resume:
             resolve_resume(run_dir, resume)  # "no checkpoint to resume" before anything loads
         # before the run folder is touched: a bad val_songs or cache must leave the previous run where it is
-        batches, validation = make_data(config, project, transformer_dir, cache_dir, rank)
+        batches, validation = make_data(config, project, transformer_dir, cache_dir, device, rank)
         with explain_failures(config, run_dir, "loading the transformer with its LoRA"):
             transformer = load_transformer_for_training(transformer_dir, config, device)
         distributed.barrier()  # every rank has loaded everything before the folder may move
@@ -351,7 +354,7 @@ def put_back_previous(run_dir: Path, previous: Path) -> None:
                err=True)
 
 
-def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, rank):
+def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, device, rank):
     """(training batches, validation set): the cache loader (fingerprints checked) or, with --live,
     the live source, over the songs ``val_songs`` does not hold out; the fixed validation set (rank 0
     only; None when validation is off) from the held-out songs, else from training songs."""
@@ -373,7 +376,8 @@ def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: st
         folder = cache_dir or project.paths.features  # a folder or an fsspec URL
         # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
         settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
-                                  num_workers=config.num_workers, speaker_dim=speaker_dim,
+                                  num_workers=config.loader_workers(device.type),
+                                  pin_memory=device.type == "cuda", speaker_dim=speaker_dim,
                                   expected_fingerprints=expected_fingerprints(project))
         batches = make_loader(folder, settings)
         split = split_songs(batches.keys, config.val_songs, config.val_max_songs,

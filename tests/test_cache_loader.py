@@ -96,11 +96,31 @@ def test_batch_layout(cache_dir):
     assert batch["lyric_ids"].dtype == torch.long and batch["lyric_mask"].dtype == torch.long
     assert len(batch["mert"]) == b and batch["mert"][0].shape[1] == 6
     assert len(batch["mhubert"]) == b and batch["mhubert"][0].shape[1] == 5
+    # equal-length crops: every sample is a window as long as the shortest song, nothing is padded
+    lengths = [30 + 7 * int(key[1:]) for key in batch["keys"]]
+    assert t == min(lengths) and batch["latent_mask"].all()
     for i in range(b):
-        n = int(batch["latent_mask"][i].sum())
-        assert torch.equal(frame_of(batch["latents"][i, 0].T[:n]), torch.arange(n))  # uncropped, in order
-        assert not batch["latents"][i, ..., n:].any()  # zero padding
+        start = int(frame_of(batch["latents"][i, 0].T[:1]))
+        assert torch.equal(frame_of(batch["latents"][i, 0].T), torch.arange(start, start + t))  # one window
+        assert 0 <= start <= lengths[i] - t
+        assert int(frame_of(batch["mert"][i][:1])) == round(start / LATENT_RATE * 75)  # the same time span
         assert int(batch["lyric_mask"][i].sum()) == int((batch["lyric_ids"][i] > 0).sum())
+
+
+def test_batches_hold_songs_of_one_length_bucket(cache_dir):
+    from cache.collate import latent_bucket
+
+    window = max_frames(8.0)  # 86 frames: 9 of the 17 songs (30..142 frames) fill it, 8 are shorter
+    bucket = {f"s{i:02d}": latent_bucket(min(30 + 7 * i, window), window) for i in range(17)}
+    assert sorted(bucket.values()).count(window) == 9 and len(set(bucket.values())) == 7
+    batches = list(make_loader(cache_dir, settings(batch_size=3, max_seconds=8.0, epochs=1)))
+    assert [len(b["keys"]) for b in batches] == [3] * 5 + [2]  # as many as plain batching gives
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(bucket)
+    one_bucket = [len({bucket[k] for k in b["keys"]}) == 1 for b in batches]
+    assert one_bucket[:3] == [True] * 3  # the full-window songs; then the leftovers, longest first
+    for b in batches:
+        assert b["latent_mask"].all()  # equal-length crops, nothing padded
+        assert b["latents"].shape[-1] == min(min(30 + 7 * int(k[1:]), window) for k in b["keys"])
 
 
 def test_collate_pads_and_masks(cache_dir):

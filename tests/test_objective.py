@@ -87,7 +87,9 @@ def test_total_loss_combination():
     d = torch.tensor(0.5)
     total, parts = total_loss(d, [("mert", torch.tensor(0.2)), ("m-hubert", torch.tensor(0.4))], ssl_coeff=1.0)
     assert torch.allclose(total, torch.tensor(0.8))
-    assert parts == pytest.approx({"loss": 0.8, "denoise_loss": 0.5, "mert_loss": 0.2, "mhubert_loss": 0.4})
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in parts.values())
+    assert {k: float(v) for k, v in parts.items()} == pytest.approx(
+        {"loss": 0.8, "denoise_loss": 0.5, "mert_loss": 0.2, "mhubert_loss": 0.4})
     total, parts = total_loss(d, {"mert": torch.tensor(0.2), "m-hubert": torch.tensor(0.4)}, ssl_coeff=0.5)
     assert torch.allclose(total, torch.tensor(0.65))
     total, parts = total_loss(d, [])

@@ -22,8 +22,9 @@ def _interrupt_at(k):
 
 def _config():
     # lyric-encoder dropout (global torch RNG), CFG dropout, sigma and noise (our generator),
-    # gradient checkpointing, epochs of 3 batches: everything a resume must restore
-    return tiny_config(max_steps=N, save_every=0, warmup_steps=3, keep_last=0)
+    # gradient checkpointing (block 0 and the lyric encoder recompute, block 1 keeps its
+    # activations), epochs of 3 batches: everything a resume must restore
+    return tiny_config(max_steps=N, save_every=0, warmup_steps=3, keep_last=0, gradient_checkpointing=2)
 
 
 def _to_old_format(ckpt):

@@ -3,7 +3,7 @@
 Two kinds live in every block:
 
 * ``LinearSelfAttention`` (``attn``): ReLU-kernel linear attention over the latent tokens, with RoPE,
-  computed in fp32 (§2.6). No softmax, no 1/sqrt(d).
+  its sums over the tokens accumulated in fp32 (§2.6). No softmax, no 1/sqrt(d).
 * ``CrossAttention`` (``cross_attn``): ordinary softmax attention from latent tokens to the
   conditioning sequence (speaker, text, lyrics), RoPE on both sides (§2.7). It also owns the
   ``add_*_proj`` / ``to_add_out`` weights that the released checkpoint carries but never uses, so
@@ -21,8 +21,11 @@ from torch import nn
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
-def rope_tables(length: int, head_dim: int, theta: float, device: torch.device | None = None) -> RopeTables:
-    """cos/sin tables [length, head_dim] in fp32 for positions 0..length-1.
+def rope_tables(length: int, head_dim: int, theta: float, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> RopeTables:
+    """cos/sin tables [length, head_dim] for positions 0..length-1, rounded to the activations'
+    ``dtype`` (as the reference casts them) and held in fp32 for the product in apply_rope: made once
+    per forward pass, not once per attention call.
 
     inv_freq[i] = theta^(-2i/head_dim); the table is [freqs, freqs] (so element j uses inv_freq[j mod
     head_dim/2]). Computed on demand instead of cached in a buffer: identical values, nothing to
@@ -32,21 +35,19 @@ def rope_tables(length: int, head_dim: int, theta: float, device: torch.device |
     positions = torch.arange(length, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     table = torch.cat((freqs, freqs), dim=-1)
-    return table.cos(), table.sin()
+    return table.cos().to(dtype).float(), table.sin().to(dtype).float()
 
 
 def apply_rope(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
     """Rotate ``x`` [B, H, S, D] with the checkpoint's adjacent-pair rotation (§2.8).
 
-    rot(x)[2k] = -x[2k+1], rot(x)[2k+1] = x[2k]; out = x·cos + rot(x)·sin. The tables are first cast
-    to the activation dtype (as the reference does), the product is formed in fp32, then cast back.
+    rot(x)[2k] = -x[2k+1], rot(x)[2k+1] = x[2k]; out = x·cos + rot(x)·sin, the product formed in
+    fp32 with the tables of rope_tables(..., dtype=x.dtype), then cast back.
     """
     cos, sin = tables
-    cos = cos.to(device=x.device, dtype=x.dtype)[None, None]
-    sin = sin.to(device=x.device, dtype=x.dtype)[None, None]
     even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((-odd, even), dim=-1).flatten(-2)
-    return (x.float() * cos.float() + rotated.float() * sin.float()).to(x.dtype)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -84,17 +85,51 @@ class LinearSelfAttention(nn.Module):
             # Padded latent frames contribute nothing to the sums and produce zero queries.
             m = attention_mask[:, None, :, None].to(q.dtype)
             q, k, v = q * m, k * m, v * m
-        # The kernel feature map is ReLU; the sums are accumulated in fp32 whatever the model dtype.
-        q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
-        # A column of ones appended to V makes the last output column the normaliser Σ_s k_s·q_t.
-        v = F.pad(v, (0, 1), value=1.0)
-        kv = k.transpose(-1, -2) @ v  # [B, H, D, D+1]
-        out = q @ kv  # [B, H, S, D+1]
+        # The kernel feature map is ReLU. The reference casts q, k, v to fp32; here the sums over the
+        # tokens take the model-dtype values with fp32 accumulation and output (the same products:
+        # bf16 × bf16 is exact in fp32), on tensor cores. Σ_s k_s joins kᵀv as one more column, so a
+        # single product with q gives the numerator and the normaliser Σ_s k_s·q_t together.
+        q, k = F.relu(q), F.relu(k)
+        kv = matmul_fp32(k.transpose(-1, -2), v)  # [B, H, D, D]
+        kv = torch.cat((kv, k.sum(dim=-2, dtype=torch.float32).unsqueeze(-1)), dim=-1)  # [B, H, D, D+1]
+        out = matmul_fp32(q, kv)  # [B, H, S, D+1]
         out = out[..., :-1] / (out[..., -1:] + self.eps)
         if dtype == torch.float16:
             out = out.clamp(-65504.0, 65504.0)
         out = _merge_heads(out).to(dtype)
         return self.to_out[1](self.to_out[0](out))
+
+
+# Devices whose matmul takes bf16/fp16 inputs and writes fp32 (torch.bmm(..., out_dtype=)); meta
+# too, so that a trace on meta tensors sees what a GPU runs.
+_FP32_OUT_DEVICES = ("cuda", "meta")
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 (batched over the leading dims). With a 16-bit ``a`` on a GPU both go in as
+    ``a``'s dtype (tensor cores, fp32 accumulation and output; an fp32 ``b`` is rounded to it, which
+    adds ~5 % to the output's own bf16 rounding error); elsewhere both are cast to fp32 first (the
+    reference)."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.device.type in _FP32_OUT_DEVICES:
+        return _MatmulFp32Out.apply(a, b.to(a.dtype))
+    return a.float() @ b.float()
+
+
+class _MatmulFp32Out(torch.autograd.Function):
+    """16-bit a @ b with an fp32 result; torch.bmm's out_dtype variant has no autograd formula. The
+    gradients come back in the inputs' dtype (as the reference's casts would give them)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        out = torch.bmm(a.flatten(0, -3), b.flatten(0, -3), out_dtype=torch.float32)
+        return out.unflatten(0, a.shape[:-2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        return grad @ b.transpose(-1, -2), a.transpose(-1, -2) @ grad
 
 
 class CrossAttention(nn.Module):

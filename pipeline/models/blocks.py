@@ -3,6 +3,7 @@ adaLN-single block with GLUMBConv feed-forward, and the final layer."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
@@ -29,7 +30,9 @@ class PatchEmbed(nn.Module):
 
 
 class ConvLayer(nn.Module):
-    """A Conv1d (named ``conv`` as in the checkpoint) with an optional activation."""
+    """A Conv1d along time (named ``conv`` as in the checkpoint) with an optional SiLU, applied to
+    time-major tokens [B, T, C] → [B, T, C_out] without transposing them: a 1×1 conv is a linear
+    layer (a plain GEMM), a wider one runs as a channels-last conv2d over the same memory."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, groups: int = 1, bias: bool = True, act: bool = False):
         super().__init__()
@@ -37,14 +40,20 @@ class ConvLayer(nn.Module):
         self.act = nn.SiLU() if act else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        conv = self.conv
+        if conv.kernel_size[0] == 1 and conv.groups == 1:
+            x = F.linear(x, conv.weight.squeeze(-1), conv.bias)
+        else:
+            # [B, T, C] memory is [B, C, 1, T] in channels-last layout: no copy on the way in or out
+            x = F.conv2d(x.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), conv.bias,
+                         padding=(0, conv.padding[0]), groups=conv.groups).squeeze(2).transpose(1, 2)
         return self.act(x) if self.act is not None else x
 
 
 class GLUMBConv(nn.Module):
     """Gated inverted-bottleneck conv FFN: 1×1 (+SiLU) → depthwise k3 along time → x·SiLU(gate) → 1×1.
 
-    Not position-wise: the depthwise conv mixes neighbouring frames.
+    Not position-wise: the depthwise conv mixes neighbouring frames. Works on [B, T, C] throughout.
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -55,9 +64,8 @@ class GLUMBConv(nn.Module):
         self.point_conv = ConvLayer(hidden, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.depth_conv(self.inverted_conv(x.transpose(1, 2)))
-        x, gate = x.chunk(2, dim=1)
-        return self.point_conv(x * self.glu_act(gate)).transpose(1, 2)
+        x, gate = self.depth_conv(self.inverted_conv(x)).chunk(2, dim=-1)
+        return self.point_conv(x * self.glu_act(gate))
 
 
 class LinearTransformerBlock(nn.Module):

@@ -74,7 +74,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim))  # [B, L, H, D]
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, pos_emb: torch.Tensor) -> torch.Tensor:
         q = self._heads(self.linear_q(x))
         k = self._heads(self.linear_k(x)).transpose(1, 2)  # [B, H, L, D]
         v = self._heads(self.linear_v(x)).transpose(1, 2)
@@ -84,10 +84,11 @@ class RelPositionMultiHeadedAttention(nn.Module):
         content = q_u @ k.transpose(-1, -2)
         position = rel_shift(q_v @ p.transpose(-1, -2))
         scores = (content + position) / math.sqrt(self.head_dim)
-        # Padded keys: -inf before the softmax and exactly 0 after it (a fully padded row stays 0).
-        pad = ~key_mask[:, None, None, :]
-        scores = scores.masked_fill(pad, float("-inf"))
-        attn = torch.softmax(scores, dim=-1).masked_fill(pad, 0.0)
+        if key_mask is None:  # nothing padded
+            attn = torch.softmax(scores, dim=-1)
+        else:  # padded keys: -inf before the softmax and exactly 0 after it (a fully padded row stays 0)
+            pad = ~key_mask[:, None, None, :]
+            attn = torch.softmax(scores.masked_fill(pad, float("-inf")), dim=-1).masked_fill(pad, 0.0)
         out = self.dropout(attn) @ v
         return self.linear_out(out.transpose(1, 2).flatten(2))
 
@@ -117,7 +118,7 @@ class ConformerEncoderLayer(nn.Module):
         self.norm_mha = nn.LayerNorm(dim, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, pos_emb: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.norm_mha(x), key_mask, pos_emb))
         x = x + self.dropout(self.feed_forward(self.norm_ff(x)))
         return x
@@ -164,9 +165,10 @@ class ConformerEncoder(nn.Module):
         # diffusers' enable_gradient_checkpointing() finds this attribute and sets it (spec §2.10).
         self.gradient_checkpointing = False
 
-    def forward(self, xs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """xs [B, L, input_size], mask [B, L] (1 valid / 0 pad) → ([B, L, output_size], bool mask)."""
-        key_mask = mask.bool()
+    def forward(self, xs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """xs [B, L, input_size], mask [B, L] (1 valid / 0 pad; None: nothing padded) →
+        ([B, L, output_size], bool mask or None)."""
+        key_mask = None if mask is None else mask.bool()
         xs, pos_emb = self.embed(xs)
         for layer in self.encoders:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

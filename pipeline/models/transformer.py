@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ def _ssl_projector(dim: int, hidden: int, out: int) -> nn.Sequential:
 
 class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _supports_gradient_checkpointing = True
+    # diffusers' compile_repeated_blocks() compiles these (regional compilation): one graph serves
+    # all 24 DiT blocks, instead of one graph for the whole model.
+    _repeated_blocks = ["LinearTransformerBlock"]
 
     @register_to_config
     def __init__(
@@ -116,6 +119,32 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.proj_in = PatchEmbed(in_channels, dim, tuple(patch_size))
         self.final_layer = FinalLayer(dim, tuple(patch_size), out_channels)
         self.gradient_checkpointing = False
+        self._checkpointed_blocks: frozenset[int] | None = None  # None: every block (diffusers' switch)
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def set_checkpointed_blocks(self, blocks: Iterable[int], lyric_encoder: bool | None = None) -> None:
+        """Recompute the activations of these DiT blocks in backward (gradient checkpointing) and keep
+        the others'. ``lyric_encoder`` (default: when any block recomputes) does the same for it."""
+        blocks = frozenset(blocks)
+        lyric_encoder = bool(blocks) if lyric_encoder is None else lyric_encoder
+        if blocks or lyric_encoder:
+            self.enable_gradient_checkpointing()
+        else:
+            self.disable_gradient_checkpointing()
+        self.lyric_encoder.gradient_checkpointing = lyric_encoder
+        self.gradient_checkpointing = bool(blocks)
+        self._checkpointed_blocks = None if len(blocks) == len(self.transformer_blocks) else blocks
+
+    @property
+    def checkpointed_blocks(self) -> list[int]:
+        """The DiT blocks that recompute their activations in backward."""
+        if not self.gradient_checkpointing:
+            return []
+        return sorted(range(len(self.transformer_blocks)) if self._checkpointed_blocks is None
+                      else self._checkpointed_blocks)
+
+    def _recomputes(self, index: int) -> bool:
+        return self.gradient_checkpointing and (self._checkpointed_blocks is None or index in self._checkpointed_blocks)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -135,8 +164,8 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return super().from_pretrained(str(folder), **kwargs)
 
     # ------------------------------------------------------------------ conditioning
-    def forward_lyric_encoder(self, lyric_token_idx: torch.Tensor, lyric_mask: torch.Tensor) -> torch.Tensor:
-        """Lyric ids [B, L] → Conformer → lyric_proj → [B, L, dim]."""
+    def forward_lyric_encoder(self, lyric_token_idx: torch.Tensor, lyric_mask: torch.Tensor | None) -> torch.Tensor:
+        """Lyric ids [B, L] → Conformer → lyric_proj → [B, L, dim] (lyric_mask None: nothing padded)."""
         embeds = self.lyric_embs(lyric_token_idx)
         encoded, _ = self.lyric_encoder(embeds, lyric_mask)
         return self.lyric_proj(encoded)
@@ -144,25 +173,25 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def encode(
         self,
         encoder_text_hidden_states: torch.Tensor,
-        text_attention_mask: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
         speaker_embeds: torch.Tensor,
         lyric_token_idx: torch.Tensor,
-        lyric_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conditioning sequence [speaker | text | lyrics] and its float mask (1 valid / 0 pad)."""
+        lyric_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning sequence [speaker | text | lyrics] and its float mask (1 valid / 0 pad).
+
+        Both masks None (the trainer's signal that no prompt or lyric token is padded): the mask is
+        None too, and the cross-attention runs unmasked (flash kernels)."""
         batch = encoder_text_hidden_states.shape[0]
         speaker = self.speaker_embedder(speaker_embeds).unsqueeze(1)
         text = self.genre_embedder(encoder_text_hidden_states)
         lyrics = self.forward_lyric_encoder(lyric_token_idx, lyric_mask)
         hidden = torch.cat([speaker, text, lyrics], dim=1)
-        mask = torch.cat(
-            [
-                torch.ones(batch, 1, device=hidden.device, dtype=torch.float32),
-                text_attention_mask.to(device=hidden.device, dtype=torch.float32),
-                lyric_mask.to(device=hidden.device, dtype=torch.float32),
-            ],
-            dim=1,
-        )
+        if text_attention_mask is None and lyric_mask is None:
+            return hidden, None
+        parts = ((None, 1), (text_attention_mask, text.shape[1]), (lyric_mask, lyrics.shape[1]))  # speaker: valid
+        mask = torch.cat([torch.ones(batch, n, device=hidden.device) if m is None else m.to(hidden.device, torch.float32)
+                          for m, n in parts], dim=1)
         return hidden, mask
 
     # ------------------------------------------------------------------ denoiser
@@ -194,13 +223,13 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             hidden_states = hidden_states + cross_norm(hidden_states, block_controlnet_hidden_states) * controlnet_scale
 
         device = hidden_states.device
-        rope = rope_tables(hidden_states.shape[1], self.head_dim, self.rope_theta, device)
-        rope_cross = rope_tables(encoder_hidden_states.shape[1], self.head_dim, self.rope_theta, device)
+        rope = rope_tables(hidden_states.shape[1], self.head_dim, self.rope_theta, device, dtype)
+        rope_cross = rope_tables(encoder_hidden_states.shape[1], self.head_dim, self.rope_theta, device, dtype)
 
         taps: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.transformer_blocks):
             args = (hidden_states, attention_mask, encoder_hidden_states, encoder_hidden_mask, rope, rope_cross, temb)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
+            if torch.is_grad_enabled() and self._recomputes(index):
                 hidden_states = self._gradient_checkpointing_func(block, *args)
             else:
                 hidden_states = block(*args)
@@ -247,10 +276,10 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         encoder_text_hidden_states: torch.Tensor,
-        text_attention_mask: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
         speaker_embeds: torch.Tensor,
         lyric_token_idx: torch.Tensor,
-        lyric_mask: torch.Tensor,
+        lyric_mask: torch.Tensor | None,
         timestep: torch.Tensor,
         ssl_hidden_states=None,
         block_controlnet_hidden_states: torch.Tensor | None = None,
