@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.config import ModelsConfig
+
+if TYPE_CHECKING:  # torch is imported where weights are made: configs() is read by torch-free callers
+    import torch
 
 SIZES = ("small", "full")
 WIDTH_DIVISOR = 8  # small = full with every width divided by this
@@ -124,6 +126,8 @@ def models_config(root: str | Path, size: str) -> ModelsConfig:
 def random_state_dict(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tensors for every entry of ``model``'s state dict (the model may live on ``meta``):
     kernels ~ N(0, 1/fan_in) (unit-variance outputs), biases ~ 0.02·N(0,1), 1-d scales ~ 1 + 0.02·N."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in model.state_dict().items():
@@ -137,9 +141,10 @@ def random_state_dict(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0)
     return out
 
 
-def save_transformer(folder: str | Path, config: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """``ace_step_transformer/`` with random weights, built on ``meta`` and filled tensor by tensor
-    (the full 3.3 B model never exists in fp32: 6.6 GB in bf16 instead of 13 GB)."""
+def save_transformer(folder: str | Path, config: dict, dtype: torch.dtype | None = None, seed: int = 0) -> Path:
+    """``ace_step_transformer/`` with random weights (bf16 by default, as released), built on ``meta``
+    and filled tensor by tensor (the full 3.3 B model never exists in fp32: 6.6 GB instead of 13 GB)."""
+    import torch
     from safetensors.torch import save_file
 
     from pipeline.models.transformer import WEIGHTS_NAME, ACEStepTransformer2DModel
@@ -149,12 +154,13 @@ def save_transformer(folder: str | Path, config: dict, dtype: torch.dtype = torc
     with torch.device("meta"):
         model = ACEStepTransformer2DModel(**config)
     model.save_config(folder)
-    save_file(random_state_dict(model, dtype, seed), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(random_state_dict(model, dtype or torch.bfloat16, seed), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     return folder
 
 
 def save_codec(root: str | Path, dcae_config: dict, vocoder_config: dict, seed: int = 0) -> None:
     """``music_dcae_f8c8/`` and ``music_vocoder/`` (default random init; the vocoder's mel buffers real)."""
+    import torch
     from diffusers import AutoencoderDC
 
     from pipeline.models.codec import DCAE_FOLDER, VOCODER_FOLDER
@@ -190,9 +196,10 @@ def save_hubert(folder: str | Path, config: dict, seed: int = 0, mert: bool = Fa
 
 
 def build_bench_checkpoint(root: str | Path, size: str, lyrics_corpus: list[str], seed: int = 0,
-                           dtype: torch.dtype = torch.bfloat16) -> ModelsConfig:
+                           dtype: torch.dtype | None = None) -> ModelsConfig:
     """Write every part for ``size`` under ``root`` (skipped when already complete); return the
-    params.yaml ``models:`` section pointing at it. ``dtype``: the transformer file's dtype."""
+    params.yaml ``models:`` section pointing at it. ``dtype``: the transformer file's dtype (default
+    bf16, as the released file: training in fp32 converts it while loading, as with the real one)."""
     from pipeline.tiny.text import save_demo_lyric_vocab, save_tiny_umt5
 
     root = Path(root)
