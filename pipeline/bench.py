@@ -681,6 +681,7 @@ def check_memory_up_front(settings: BenchSettings, rows: list[dict], probe: dict
     not checked (megabytes)."""
     from pipeline.errors import ConfigError
     from pipeline.memory import available_host_bytes, out_of_memory_advice
+    from pipeline.tiny.small import SHARD_BYTES
     from pipeline.tiny.small import configs as size_configs
 
     if settings.size == "demo":
@@ -693,7 +694,7 @@ def check_memory_up_front(settings: BenchSettings, rows: list[dict], probe: dict
     where = f"GPU memory ({machine.get('gpu')})" if cuda else "free host memory"
     encoders = (probe.get("encoder_params") or 0) * 4 if "live" in settings.modes else 0  # encode.dtype float32
     overhead = DEVICE_OVERHEAD_BYTES if cuda else HOST_OVERHEAD_BYTES
-    build = 0 if checkpoint_ready or cuda else transformer_params(config)["total"] * 2 + HOST_OVERHEAD_BYTES
+    build = 0 if checkpoint_ready or cuda else 2 * SHARD_BYTES + HOST_OVERHEAD_BYTES  # a shard + the writer's copy
     fits, refused = [], []
     for row in rows:
         seconds = min(settings.song_seconds, float(_train_setting(row, "max_seconds")))
@@ -1097,6 +1098,7 @@ def target_rows(runs: list[dict]) -> list[tuple[str, str, str]]:
     for rec in runs:
         where = f"{rec['size']} {rec['device']} ({rec['precision']}, {rec['song_seconds']:g} s)"
         cuda = rec["device"] == "cuda"
+        noisy, few_steps = _timing_caveat(rec), _timing_caveat(rec, load_matters=False)
         for r in summary_rows(rec):
             if r["skipped"]:
                 continue
@@ -1105,10 +1107,12 @@ def target_rows(runs: list[dict]) -> list[tuple[str, str, str]]:
             if ratio:
                 out.append((f"cached ≤ {TARGET_CACHED_OVER_FLOOR} × floor (s/step)", label,
                             f"{ratio:.2f}{' paired' if r['paired_cached_over_floor'] else ''} — "
-                            f"{verdict(ratio <= TARGET_CACHED_OVER_FLOOR)}"))
+                            f"{verdict(ratio <= TARGET_CACHED_OVER_FLOOR)}"
+                            f"{few_steps if r['paired_cached_over_floor'] else noisy}"))
             if r["live_over_cached"]:
                 out.append((f"live ÷ cached ≥ {TARGET_LIVE_OVER_CACHED}", label,
-                            f"{r['live_over_cached']:.2f} — {verdict(r['live_over_cached'] >= TARGET_LIVE_OVER_CACHED)}"))
+                            f"{r['live_over_cached']:.2f} — {verdict(r['live_over_cached'] >= TARGET_LIVE_OVER_CACHED)}"
+                            f"{noisy}"))
             key = "device" if cuda else "host"
             floor_m, cached_m, live_m = r[f"{key}_floor_mb"], r[f"{key}_cached_mb"], r[f"{key}_live_mb"]
             if floor_m and cached_m:
@@ -1120,6 +1124,17 @@ def target_rows(runs: list[dict]) -> list[tuple[str, str, str]]:
                             f"{live_m - cached_m:,.0f} MiB less (encoders {r['encoders_mb']:,.0f}) — "
                             f"{verdict(live_m - cached_m >= r['encoders_mb'])}"))
     return out
+
+
+def _timing_caveat(record: dict, load_matters: bool = True) -> str:
+    """A note for time ratios that cannot be trusted: under 3 timed steps, or (for ratios of separate
+    processes; paired mode shares the load) a machine busier than its cores."""
+    cores = record["machine"].get("cores") or 1
+    load = max((m.get("loadavg_1min") or 0.0 for r in record["rows"] for m in (r.get("modes") or {}).values()),
+               default=0.0)
+    if record["steps"] < 3 or (load_matters and load > cores):
+        return f" (unreliable: {record['steps']} timed step(s), load average up to {load:.1f} on {cores} cores)"
+    return ""
 
 
 def _model_r64_gib() -> float:
@@ -1171,8 +1186,8 @@ def _md_memory(results: dict) -> list[str]:
             "r=64, 180 s, checkpointing all, with " + ", ".join(f"{L} lyric tokens {v:.2f} GiB" for L, v in lyric) + "."]
     checks = (results.get("memory_checks") or {}).get("rows") or []
     if checks:
-        out += ["", "The model against the meter (`pipeline.memory.count_step_memory`: the product's `train_step`, two "
-                "steps, under `TensorMemoryMeter`, which counts every tensor storage alive — at the full size on "
+        out += ["", "The model against the meter (`pipeline.memory_meter.count_step_memory`: the product's `train_step`, "
+                "two steps, under `TensorMemoryMeter`, which counts every tensor storage alive — at the full size on "
                 "`meta` tensors, at the demo and small sizes on real CPU tensors; "
                 f"`aceturbo bench --memory-check`, {results['memory_checks'].get('date', '')}):", "",
                 "| size | tensors | song s | r | precision | checkpointing | counted peak MiB | model MiB | model ÷ counted |",

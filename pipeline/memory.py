@@ -1,4 +1,4 @@
-"""Memory of a LoRA training step: a model from the transformer's config, and a meter that counts it.
+"""Memory of a LoRA training step, from the transformer's config: parameter counts and a memory model.
 
 The model (``estimate_training_memory``) adds up what one step of ``pipeline.train`` holds on its
 device — what ``torch.cuda.max_memory_allocated`` reports on a GPU:
@@ -31,8 +31,15 @@ its input):
     a recomputing block keeps only its input (s·d); in backward it holds a_block again plus the
     gradient flowing through it (2s·d).
 
-Peak activations with n blocks of which k recompute (gradient checkpointing "all": k = n):
-    T·[(n − k)·a_block + k·s·d + max(a_head, a_block + 2s·d if k else a_head)] + conditioning terms.
+Peak, T latent tokens, n blocks of which k recompute (gradient checkpointing "all": k = n), G the
+LoRA gradients, L lyric tokens over H lyric-encoder heads (its attention keeps [H, L, L] matrices):
+    k = 0:  T·(n·a_block + a_head)                        the end of forward, no gradient yet
+    k > 0:  the largest of  T·((n − k)·a_block + k·s·d + a_head)          the end of forward,
+                            T·((n − k + 1)·a_block + 2s·d) + max(T·k·s·d, G)   a recomputing block's
+                                backward (the saved inputs drain while the gradients fill up),
+                            G + 8·s·H·L²                                  the lyric layers, last
+    plus the conditioning sequence's K/V per kept block, and with k = 0 the lyric layers' 5·s·H·L²
+    each. Memory = weights + LoRA + AdamW + batch + that peak (which includes G).
 
 Checked against pipeline.memory_meter.count_step_memory (the product's own train_step run under
 a meter that counts every live tensor): on CPU tensors at the demo and small sizes, on ``meta``

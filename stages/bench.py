@@ -67,14 +67,15 @@ def cli(size, song_seconds, ranks, precision, steps, warmup, modes, songs, devic
 
     md = Path(out)
     js = md.with_suffix(".json")
-    results = bench.load_results(js)
     if memory_check:
-        results["memory_checks"] = bench.run_memory_check(Path(workdir) if workdir else None, echo=click.echo)
-        for row in results["memory_checks"]["rows"]:
+        checks = bench.run_memory_check(Path(workdir) if workdir else None, echo=click.echo)
+        for row in checks["rows"]:
             click.echo(f"{row['size']:>5} {row['device']:>4} {row['seconds']:>4g} s r={row['rank']:<3} "
                        f"{row['precision']:>9} checkpointing {row['gradient_checkpointing']:>4}: counted "
                        f"{row['counted_peak'] / 2**20:9,.1f} MiB, model {row['estimate'] / 2**20:9,.1f} MiB "
                        f"({row['ratio']:.3f})")
+        results = bench.load_results(js)  # read now: other runs may have written it meanwhile
+        results["memory_checks"] = checks
         bench.write_reports(results, md, js)
         click.echo(f"wrote {md} and {js}")
         return
@@ -89,6 +90,7 @@ def cli(size, song_seconds, ranks, precision, steps, warmup, modes, songs, devic
         threads=threads, command=bench.command_line())
     record = bench.run_benchmark(settings, echo=click.echo)
     click.echo(bench.table_text(record))
+    results = bench.load_results(js)  # read now: a long run must not drop what others wrote meanwhile
     results["runs"][record["key"]] = record
     bench.write_reports(results, md, js)
     click.echo(f"wrote {md} and {js}")

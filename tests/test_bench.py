@@ -202,3 +202,15 @@ json.dump({{"record": record, "heavy": heavy}}, open({str(out)!r}, "w"))
     text = (tmp_path / "benchmarks.md").read_text()
     assert "Not run yet" in text and "pytest tests/test_bench.py" in text and "## Memory" in text
     assert json.loads((tmp_path / "benchmarks.json").read_text())["runs"][record["key"]]["size"] == "demo"
+
+
+def test_bad_bench_options_are_one_line(capsys):
+    from stages.cli import main
+
+    for argv, expected in ((["bench", "--set", "gradient_checkpointing"], "--set takes NAME=VALUE"),
+                           (["bench", "--matrix", "warp_speed=1,2"], "unknown train setting(s) warp_speed"),
+                           (["bench", "--modes", "floor,fast"], "--modes takes")):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 1 and err.startswith("Error: ") and expected in err and "\n" not in err

@@ -208,3 +208,21 @@ def test_loaded_weights_are_the_process_own_memory(tiny_dir):
     mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in
               Path("/proc/self/maps").read_text().splitlines() if ".safetensors" in line]
     assert not any(a <= p.data_ptr() < b for p in model.parameters() for a, b in mapped)
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path, monkeypatch, tiny_dir):
+    """The bench writes big transformers in shards (one shard in memory at a time); both load paths
+    read them, to the same values as a single file."""
+    import pipeline.tiny.small as small
+    from pipeline.tiny.transformer import TINY_TRANSFORMER_CONFIG
+
+    monkeypatch.setattr(small, "SHARD_BYTES", 200_000)
+    folder = small.save_transformer(tmp_path / "ace_step_transformer", TINY_TRANSFORMER_CONFIG, dtype=torch.float32)
+    assert len(list(folder.glob("*-of-*.safetensors"))) > 1
+    skipped = load_transformer_for_training(folder, _config(), "cpu").state_dict()
+    full = load_transformer_for_training(folder, _config(), "cpu", skip_unused=False).state_dict()
+    monkeypatch.setattr(small, "SHARD_BYTES", 2 << 30)
+    single = small.save_transformer(tmp_path / "single" / "ace_step_transformer", TINY_TRANSFORMER_CONFIG,
+                                    dtype=torch.float32)
+    reference = load_transformer_for_training(single, _config(), "cpu").state_dict()
+    assert all(torch.equal(skipped[k], full[k]) and torch.equal(skipped[k], reference[k]) for k in skipped)
