@@ -468,6 +468,27 @@ class _Repeat:
             yield self.batch
 
 
+class _Shapes:
+    """Passes batches through, recording the first one's sizes (tokens, text and lyric lengths) into
+    ``shapes`` for the FLOP count; forwards the position so train() checkpoints it as usual."""
+
+    def __init__(self, inner, shapes: dict):
+        self.inner, self.shapes = inner, shapes
+
+    def __iter__(self):
+        for batch in self.inner:
+            if not self.shapes:
+                self.shapes.update(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
+                                   lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
+            yield batch
+
+    def state_dict(self):
+        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else None
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
@@ -522,35 +543,17 @@ def _child_train(spec: dict) -> dict:
             batches = _Alternate(make_loader(project.paths.features, settings), first) if mode == "paired" \
                 else _Repeat(first)
             del loader
-    transformer = load_transformer_for_training(transformer_dir, config, device)
-    result["after_load"] = host_memory()
-    _device_memory(result["after_load"])
-    result["peak_reset"] = reset_peak_rss()  # from here VmHWM is the training's own peak
-    result["transformer_params"] = sum(p.numel() for p in transformer.parameters())
-    result["trainable_params"] = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
-    result["encoders_param_bytes"] = encoders_bytes
-    shapes = {}
-
-    class _Shapes:  # records the first batch's sizes (tokens, text and lyric lengths) for the FLOP count
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __iter__(self):
-            for batch in self.inner:
-                if not shapes:
-                    shapes.update(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
-                                  lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
-                yield batch
-
-        def state_dict(self):
-            return self.inner.state_dict() if hasattr(self.inner, "state_dict") else None
-
-        def load_state_dict(self, state):
-            self.inner.load_state_dict(state)
-
+    shapes: dict = {}
     run_dir = Path(spec["run_dir"])
     try:
-        summary = train(config, transformer, _Shapes(batches), run_dir)
+        transformer = load_transformer_for_training(transformer_dir, config, device)
+        result["after_load"] = host_memory()
+        _device_memory(result["after_load"])
+        result["peak_reset"] = reset_peak_rss()  # from here VmHWM is the training's own peak
+        result["transformer_params"] = sum(p.numel() for p in transformer.parameters())
+        result["trainable_params"] = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+        result["encoders_param_bytes"] = encoders_bytes
+        summary = train(config, transformer, _Shapes(batches, shapes), run_dir)
     except Exception as exc:  # a measurement: "does not fit" is a result, reported in one line
         if not _is_out_of_memory(exc):
             raise
@@ -579,7 +582,7 @@ def _child_train(spec: dict) -> dict:
 def _training_memory(result: dict) -> dict:
     """Host memory at the end: the process's peak over its whole life, and the training's own peak."""
     now = host_memory()
-    load_peak = result["after_load"].get("peak_rss_mb", 0.0)
+    load_peak = result.get("after_load", {}).get("peak_rss_mb", 0.0)
     whole = max(load_peak, now.get("peak_rss_mb", 0.0)) if result.get("peak_reset") else now.get("peak_rss_mb")
     return {**now, "peak_rss_mb": whole, "training_peak_rss_mb": now.get("peak_rss_mb") if result.get("peak_reset") else None}
 

@@ -72,9 +72,9 @@ def load_transformer_for_training(transformer_dir: str | Path, config: TrainConf
     bf16-true: base weights and LoRA in bf16 (peft would otherwise keep LoRA in fp32, STACK.md
     pitfall 5). The LoRA init is seeded by config.seed so that runs are reproducible.
     ``skip_unused`` (the default): the weights training never uses (UNUSED_IN_TRAINING) are not
-    read at all; loss and gradients are identical (tests/test_train.py). False loads every weight
+    read at all; loss and gradients are identical (tests/test_memory.py). False loads every weight
     through diffusers' from_pretrained, as generation does. ``device="meta"``: the module tree with
-    no weight read (pipeline.memory counts a step's memory on it).
+    no weight read (pipeline.memory_meter counts a step's memory on it).
     """
     from pipeline.lora import apply_lora
     from pipeline.models.transformer import ACEStepTransformer2DModel
@@ -122,10 +122,11 @@ def _load_used_weights(folder: Path, dtype: torch.dtype, device: torch.device) -
     else:
         index = folder / (WEIGHTS_NAME + ".index.json")
         files = json.loads(index.read_text())["weight_map"] if index.is_file() else dict.fromkeys(wanted, WEIGHTS_NAME)
-        missing = sorted(key for key in wanted if key not in files)
+        missing = [key for key in wanted if key not in files]
         by_file: dict[str, list[str]] = {}
         for key in wanted:
-            by_file.setdefault(files.get(key, WEIGHTS_NAME), []).append(key)
+            if key in files:
+                by_file.setdefault(files[key], []).append(key)
         state = {}
         for name, keys in by_file.items():
             if not (folder / name).is_file():
