@@ -80,7 +80,7 @@ FULL_NEEDS_GPU = ("--size full needs a GPU (the 3.5B transformer alone is 5.4 GB
                   "hours on a CPU). Pass --allow-cpu-full to run it on the CPU anyway.")
 # What the bench's flags are called, for the memory advice.
 BENCH_FLAGS = {"rank": "--rank", "seconds": "--song-seconds", "precision": "--precision",
-               "checkpointing": "--set gradient_checkpointing=all"}
+               "checkpointing": "--set gradient_checkpointing=true"}
 
 
 # ====================================================================================== FLOPs

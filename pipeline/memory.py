@@ -277,11 +277,11 @@ def memory_table(config: dict, ranks=(16, 64, 256), seconds=(60, 180, 240), prec
 def out_of_memory_advice(estimate: MemoryEstimate, setting_names: dict[str, str] | None = None) -> str:
     """What to lower, first what saves most: checkpointing when off, then the window, then the rank.
     ``setting_names`` maps rank/seconds/checkpointing to how the caller spells them (CLI flags)."""
-    names = {"rank": "rank", "seconds": "max_seconds", "checkpointing": "gradient_checkpointing",
+    names = {"rank": "rank", "seconds": "max_seconds", "checkpointing": "gradient_checkpointing: true",
              "precision": "precision", **(setting_names or {})}
     fixes = []
     if estimate.checkpointed_blocks < estimate.num_blocks:
-        fixes.append(f"turn {names['checkpointing']} on (all)")
+        fixes.append(f"recompute every block ({names['checkpointing']})")
     if estimate.precision != "bf16-true":
         fixes.append(f"use {names['precision']} bf16-true")
     fixes += [f"lower {names['seconds']}", f"lower {names['rank']} (now {estimate.rank})"]

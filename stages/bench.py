@@ -17,7 +17,7 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
     for item in values:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise ConfigError(f"{option} takes NAME=VALUE (a train setting, e.g. gradient_checkpointing=none), "
+            raise ConfigError(f"{option} takes NAME=VALUE (a train setting, e.g. gradient_checkpointing=false), "
                               f"got {item!r}")
         out[name.strip()] = value.strip()
     return out
@@ -42,11 +42,11 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Cache loader worker processes.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
-              help="A train setting for every row (any `aceturbo train` setting, e.g. gradient_checkpointing=none); "
+              help="A train setting for every row (any `aceturbo train` setting, e.g. gradient_checkpointing=false); "
                    "repeat for several.")
 @click.option("--matrix", "matrix", multiple=True, metavar="NAME=V1,V2",
               help="One row per value (per combination when repeated), each --rank, e.g. "
-                   "--matrix gradient_checkpointing=all,none.")
+                   "--matrix gradient_checkpointing=true,false.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per child (CPU).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Keep checkpoints, songs and caches here and reuse them [default: a temporary folder].")

@@ -135,7 +135,7 @@ def test_full_size_memory_is_estimated_before_anything_loads():
     fits = bench.check_memory_up_front(settings, bench.bench_rows(settings), _probe(12), cuda=True,
                                        checkpoint_ready=True, echo=lines.append)
     assert [r["label"] for r in fits] == ["r=64, gradient_checkpointing=true"]
-    assert len(lines) == 1 and "gradient_checkpointing=false" in lines[0] and "--set gradient_checkpointing=all" in lines[0]
+    assert len(lines) == 1 and "gradient_checkpointing=false" in lines[0] and "--set gradient_checkpointing=true" in lines[0]
     live = bench.BenchSettings(size="full", modes=("live",))  # the encoders (fp32) count too
     with pytest.raises(ConfigError, match="encoders"):
         bench.check_memory_up_front(live, bench.bench_rows(live), _probe(8), cuda=True, checkpoint_ready=True)
@@ -155,7 +155,7 @@ def test_out_of_memory_in_a_mode_is_one_line_and_recorded(tmp_path, monkeypatch)
     modes = bench._run_modes(settings, bench.bench_rows(settings)[0], {}, tmp_path, lines.append)
     assert modes["cached"]["error"] == "out_of_memory"
     assert len(lines) == 1 and "Tried to allocate 2.00 GiB" in lines[0]
-    assert "turn --set gradient_checkpointing=all on" in lines[0] and "lower --rank (now 64)" in lines[0]
+    assert "recompute every block (--set gradient_checkpointing=true)" in lines[0] and "lower --rank (now 64)" in lines[0]
 
 
 def test_demo_bench_parent_holds_no_model_and_reports_memory(tmp_path):
