@@ -11,6 +11,7 @@ text or SSL encoders are imported here. Previews are a callback the caller passe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import signal
@@ -69,12 +70,22 @@ def lora_settings(config: TrainConfig):
                         target_modules=tuple(config.target_modules), dropout=config.lora_dropout)
 
 
+# The cross-attention projections the released checkpoint carries but no forward pass calls
+# (pipeline/models/attention.py: CrossAttention). 629 M of the 3.3 B parameters, 1.26 GB in bf16.
+UNUSED_IN_TRAINING = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
 def load_transformer_for_training(transformer_dir: str | Path, config: TrainConfig,
-                                  device: torch.device | str | None = None) -> torch.nn.Module:
+                                  device: torch.device | str | None = None,
+                                  skip_unused: bool = True) -> torch.nn.Module:
     """The transformer, frozen, in the training precision, with a fresh LoRA: all the trainer holds.
 
     bf16-true: base weights and LoRA in bf16 (peft would otherwise keep LoRA in fp32, STACK.md
     pitfall 5). The LoRA init is seeded by config.seed so that runs are reproducible.
+    ``skip_unused`` (the default): the weights training never uses (UNUSED_IN_TRAINING) are not
+    read at all; loss and gradients are identical (tests/test_memory.py). False loads every weight
+    through diffusers' from_pretrained, as generation does. ``device="meta"``: the module tree with
+    no weight read (pipeline.memory_meter counts a step's memory on it).
     """
     from pipeline.lora import apply_lora
     from pipeline.models.transformer import ACEStepTransformer2DModel
@@ -85,9 +96,12 @@ def load_transformer_for_training(transformer_dir: str | Path, config: TrainConf
                               "ACE-Step/ACE-Step-v1-3.5B and set params.yaml → models → acestep.")
     device = distributed.resolve_device(config.device) if device is None else torch.device(device)
     dtype = PRECISION_DTYPES[config.precision]
-    model = ACEStepTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
+    if skip_unused or device.type == "meta":
+        model = _load_used_weights(folder, dtype, device)
+    else:
+        model = ACEStepTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
+        model.to(device=device)  # already in `dtype` (a .to(dtype) here would make diffusers warn)
     model.requires_grad_(False)
-    model.to(device=device)  # already in `dtype` (a .to(dtype) here would make diffusers warn)
     torch.manual_seed(config.seed)
     apply_lora(model, lora_settings(config), adapter_name=ADAPTER, dtype=dtype)
     configure_step(model, config, device)
@@ -127,6 +141,53 @@ def compile_blocks(model, backend: str | Callable = "inductor") -> None:
 
 def _input_needs_grad(module, args, output: torch.Tensor):
     return output.detach().requires_grad_() if torch.is_grad_enabled() and not output.requires_grad else None
+
+
+def _load_used_weights(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Build the model on ``meta``, drop the UNUSED_IN_TRAINING modules, then read only the remaining
+    tensors, one at a time, into this process's own memory on ``device``.
+
+    Read with pread, not through a memory map: parameters that alias a mapped file count in RSS only
+    while the kernel keeps their pages, so a process's peak RSS then depended on the machine's load
+    (docs/benchmarks.md, "Memory"), and on a GPU the whole file's pages were touched on the host.
+    """
+    from safetensors import safe_open
+
+    from pipeline.models.transformer import WEIGHTS_NAME, ACEStepTransformer2DModel
+
+    with torch.device("meta"):
+        model = ACEStepTransformer2DModel.from_config(ACEStepTransformer2DModel.load_config(folder))
+    for block in model.transformer_blocks:
+        for name in UNUSED_IN_TRAINING:
+            delattr(block.cross_attn, name)
+    wanted = model.state_dict()
+    if device.type == "meta":
+        state = {key: torch.empty_like(t, dtype=dtype if t.is_floating_point() else t.dtype) for key, t in wanted.items()}
+    else:
+        index = folder / (WEIGHTS_NAME + ".index.json")
+        files = json.loads(index.read_text())["weight_map"] if index.is_file() else dict.fromkeys(wanted, WEIGHTS_NAME)
+        missing = [key for key in wanted if key not in files]
+        by_file: dict[str, list[str]] = {}
+        for key in wanted:
+            if key in files:
+                by_file.setdefault(files[key], []).append(key)
+        state = {}
+        for name, keys in by_file.items():
+            if not (folder / name).is_file():
+                raise CheckpointError(f"transformer weights '{folder / name}' are missing; re-download "
+                                      "ACE-Step/ACE-Step-v1-3.5B (ace_step_transformer/).")
+            with safe_open(str(folder / name), framework="pt", backend="pread") as f:
+                present = set(f.keys())
+                missing += [key for key in keys if key not in present]
+                for key in keys:
+                    if key in present:
+                        t = f.get_tensor(key)
+                        state[key] = t.to(device, dtype if t.is_floating_point() else t.dtype)
+        if missing:
+            raise CheckpointError(f"transformer weights in '{folder}' lack {len(missing)} tensor(s), e.g. "
+                                  f"{missing[0]}; re-download ACE-Step/ACE-Step-v1-3.5B (ace_step_transformer/).")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
 
 
 def lr_factor(step: int, warmup: int, max_steps: int) -> float:

@@ -18,15 +18,19 @@ exactly the code the real checkpoints go through.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from pipeline.config import ModelsConfig
 
+if TYPE_CHECKING:  # torch is imported where weights are made: configs() is read by torch-free callers
+    import torch
+
 SIZES = ("small", "full")
 WIDTH_DIVISOR = 8  # small = full with every width divided by this
+SHARD_BYTES = 2 << 30  # the random transformer is written in files of at most this size
 
 LABEL = ("RANDOM WEIGHTS - benchmark checkpoint written by `aceturbo bench` ({size}). It measures speed\n"
          "and memory only; its outputs are noise.\n")
@@ -121,11 +125,13 @@ def models_config(root: str | Path, size: str) -> ModelsConfig:
 
 
 # ------------------------------------------------------------------ writers
-def random_state_dict(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors for every entry of ``model``'s state dict (the model may live on ``meta``):
-    kernels ~ N(0, 1/fan_in) (unit-variance outputs), biases ~ 0.02·N(0,1), 1-d scales ~ 1 + 0.02·N."""
+def random_tensors(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, random tensor) for every entry of ``model``'s state dict, in order (the model may live on
+    ``meta``): kernels ~ N(0, 1/fan_in) (unit-variance outputs), biases ~ 0.02·N(0,1), 1-d scales ~
+    1 + 0.02·N."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
-    out = {}
     for name, p in model.state_dict().items():
         if p.ndim >= 2:
             t = torch.randn(p.shape, generator=generator) * (1.0 / max(1, p[0].numel()) ** 0.5)
@@ -133,28 +139,53 @@ def random_state_dict(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0)
             t = 0.02 * torch.randn(p.shape, generator=generator)
         else:
             t = 1.0 + 0.02 * torch.randn(p.shape, generator=generator)
-        out[name] = t.to(dtype).contiguous()
-    return out
+        yield name, t.to(dtype).contiguous()
 
 
-def save_transformer(folder: str | Path, config: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """``ace_step_transformer/`` with random weights, built on ``meta`` and filled tensor by tensor
-    (the full 3.3 B model never exists in fp32: 6.6 GB in bf16 instead of 13 GB)."""
+def save_transformer(folder: str | Path, config: dict, dtype: torch.dtype | None = None, seed: int = 0) -> Path:
+    """``ace_step_transformer/`` with random weights (bf16 by default, as released), built on ``meta``
+    and written in shards of at most SHARD_BYTES with diffusers' index file, so that only one shard's
+    tensors are ever in memory (the full size: 4 files, ~4 GB peak instead of the whole 6.6 GB state
+    dict plus the writer's copy of it)."""
+    import torch
     from safetensors.torch import save_file
 
     from pipeline.models.transformer import WEIGHTS_NAME, ACEStepTransformer2DModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or torch.bfloat16
     with torch.device("meta"):
         model = ACEStepTransformer2DModel(**config)
     model.save_config(folder)
-    save_file(random_state_dict(model, dtype, seed), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, p in model.state_dict().items():
+        size = p.numel() * dtype.itemsize
+        if shards[-1] and used + size > SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    tensors = random_tensors(model, dtype, seed)
+    if len(shards) == 1:
+        save_file(dict(tensors), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return folder
+    stem = WEIGHTS_NAME.removesuffix(".safetensors")
+    weight_map = {}
+    for number, names in enumerate(shards, 1):
+        file = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(dict(itertools.islice(tensors, len(names))), str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(p.numel() for p in model.state_dict().values()) * dtype.itemsize
+    (folder / (WEIGHTS_NAME + ".index.json")).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
     return folder
 
 
 def save_codec(root: str | Path, dcae_config: dict, vocoder_config: dict, seed: int = 0) -> None:
     """``music_dcae_f8c8/`` and ``music_vocoder/`` (default random init; the vocoder's mel buffers real)."""
+    import torch
     from diffusers import AutoencoderDC
 
     from pipeline.models.codec import DCAE_FOLDER, VOCODER_FOLDER
@@ -190,9 +221,10 @@ def save_hubert(folder: str | Path, config: dict, seed: int = 0, mert: bool = Fa
 
 
 def build_bench_checkpoint(root: str | Path, size: str, lyrics_corpus: list[str], seed: int = 0,
-                           dtype: torch.dtype = torch.bfloat16) -> ModelsConfig:
+                           dtype: torch.dtype | None = None) -> ModelsConfig:
     """Write every part for ``size`` under ``root`` (skipped when already complete); return the
-    params.yaml ``models:`` section pointing at it. ``dtype``: the transformer file's dtype."""
+    params.yaml ``models:`` section pointing at it. ``dtype``: the transformer file's dtype (default
+    bf16, as the released file: training in fp32 converts it while loading, as with the real one)."""
     from pipeline.tiny.text import save_demo_lyric_vocab, save_tiny_umt5
 
     root = Path(root)
