@@ -66,6 +66,10 @@ class TensorMemoryMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             return 1.0 if args[0].is_floating_point() else 1
+        if (func is torch.ops.aten._to_copy.default and args[0].device.type == "meta"
+                and torch.device((kwargs or {}).get("device") or "meta").type == "cpu"):
+            # the step's one fetch of its logged numbers (.tolist()): finite dummies, as above
+            return torch.ones(args[0].shape, dtype=(kwargs or {}).get("dtype") or args[0].dtype)
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             self._track(t)

@@ -358,7 +358,8 @@ def test_one_host_sync_per_optimizer_step(transformer_dir):
             record = train_step(model, source, optimizer, scheduler, params, generator, training_sigmas(), cfg,
                                 meta, torch.float32)
         assert traffic.syncs == 1, "one fetch per optimizer step (2 micro-batches)"
-    assert set(record) == {"loss", "denoise_loss", "mert_loss", "mhubert_loss", "grad_norm", "lr"}
+    assert set(record) == {"loss", "denoise_loss", "mert_loss", "mhubert_loss", "grad_norm", "lr", "lora_norm",
+                           "update_ratio"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (counts real GPU→CPU syncs)")
