@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -256,7 +257,7 @@ def test_disk_full_during_torch_save_keeps_the_last_checkpoint(project, monkeypa
     capsys.readouterr()
     assert _run(params, "--max-steps", "6") == 1
     line = _one_error_line(capsys.readouterr().err)
-    assert "disk full while writing" in line and "checkpoints/epoch=1-step=4_lora/training_state.pt (about 61.6 KB needed" in line
+    assert "disk full while writing" in line and re.search(r"checkpoints/epoch=1-step=4_lora/training_state\.pt \(about [\d.]+ KB needed", line)
     assert "1.0 KB free" in line and "the last good checkpoint epoch=0-step=2_lora is intact" in line
     assert [p.name for p in list_checkpoints(run)] == ["epoch=0-step=2_lora"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=2_lora"]  # no temp left
