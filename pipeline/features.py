@@ -29,7 +29,9 @@ FEATURES_CODE_VERSION = {
     "latents": "1",
     "mert": "1",
     "mhubert": "1",
-    "text": "2",  # 2: lyric cleaners with the reference's currency and line-strip rules (#14)
+    # 2: lyric cleaners with the reference's currency and line-strip rules (#14); 3: curly quotes
+    # removed before that strip, so '“ hi ”' no longer keeps edge spaces
+    "text": "3",
 }
 AUDIO_STREAMS = ("latents", "mert", "mhubert")
 STREAMS = AUDIO_STREAMS + ("text",)
