@@ -221,6 +221,11 @@ def expand_numbers(text: str, lang: str) -> str:
     text = expand_currencies(text, lang)
     if lang != "tr":  # the released tokenizer left Turkish decimals to the integer step
         text = _DECIMAL.sub(lambda m: _number_words(m.group(0), lang), text)
+    # Ordinals. Issue #14 gives the reference's order as "... then ordinals (hu, ko); then integers",
+    # but we have no facts about its hu/ko ordinal patterns, so none is guessed: hu/ko digits go to
+    # the integer step. The English rule ("21st" → "twenty-first") is kept from spec §4.3's
+    # "num2words number expansion"; the issue's list suggests the reference may not have it, and no
+    # golden case has an ordinal to tell.
     if lang == "en":
         text = _EN_ORDINAL.sub(lambda m: _num2words(int(m.group(1)), "en", "ordinal") or m.group(0), text)
     return _INTEGER.sub(lambda m: _number_words(m.group(0), lang), text)
