@@ -164,19 +164,52 @@ def test_stale_locks_are_taken_over_with_a_message(tmp_path):
 def test_cleanup_deletes_only_stores_of_writers_that_are_gone(tmp_path):
     stream = tmp_path / "mert"
     names = {
-        "dead": f".tmp-shard-{dead_pid()}@{HOST}-0123abcd.zarr",
-        "alive": f".tmp-shard-{os.getpid()}@{HOST}-0123abcd.zarr",
-        "elsewhere": ".tmp-shard-77@other-machine-0123abcd.zarr",
-        "elsewhere-old": ".tmp-shard-78@other-machine-0123abcd.zarr",
+        # a dead-looking pid is not enough: it may be a live writer in another PID namespace
+        # that shares this host name (containers with --uts=host, cloned VMs)
+        "dead": f".tmp-shard-w1-{dead_pid()}@{HOST}-0123abcd.zarr",
+        "dead-old": f".tmp-shard-w1-{dead_pid()}@{HOST}-4567abcd.zarr",
+        "alive-old": f".tmp-shard-w1-{os.getpid()}@{HOST}-0123abcd.zarr",
+        "elsewhere": ".tmp-shard-w1-77@other-machine-0123abcd.zarr",
+        "elsewhere-old": ".tmp-shard-78@other-machine-0123abcd.zarr",  # named before slots were
         "trash": ".trash-shard-00003.zarr-x1y2",
     }
     for name in names.values():
         (stream / name).mkdir(parents=True)
     old = time.time() - lock_mod.STALE_AFTER_S - 1
-    os.utime(stream / names["elsewhere-old"], (old, old))
+    for key in ("dead-old", "alive-old", "elsewhere-old"):
+        os.utime(stream / names[key], (old, old))
     removed = cleanup_temp(tmp_path)
-    assert sorted(removed) == sorted(f"mert/{names[k]}" for k in ("dead", "elsewhere-old", "trash"))
-    assert sorted(p.name for p in stream.iterdir()) == sorted([names["alive"], names["elsewhere"]])
+    assert sorted(removed) == sorted(f"mert/{names[k]}" for k in ("dead-old", "elsewhere-old", "trash"))
+    assert sorted(p.name for p in stream.iterdir()) == sorted(names[k] for k in ("dead", "alive-old", "elsewhere"))
+
+    # The holder of slot 1's lock deletes slot-1 stores whatever their pid says (the lock proves
+    # their writer is gone) and leaves the other slots' recent ones alone.
+    other_slot = f".tmp-shard-w0-{dead_pid()}@{HOST}-89abcdef.zarr"
+    (stream / other_slot).mkdir()
+    with lock_stream(tmp_path, "mert", (1, 2)) as lock:
+        removed = cleanup_temp(tmp_path, streams=("mert",), lock=lock)
+    assert sorted(removed) == sorted(f"mert/{names[k]}" for k in ("dead", "alive-old", "elsewhere"))
+    assert sorted(p.name for p in stream.iterdir()) == sorted([".lock-1", other_slot])
+
+
+def test_a_temp_store_deleted_under_a_writer_is_one_line(tmp_path, monkeypatch):
+    """Were a live writer's temp store deleted anyway (a cleanup that misjudged it), its publish says
+    so in one line instead of a FileNotFoundError traceback, and publishes nothing."""
+    real = shards_mod._fill_store
+
+    def then_deleted(location, stream, tmp, *args, **kwargs):
+        real(location, stream, tmp, *args, **kwargs)
+        assert tmp.startswith(".tmp-shard-w1-")  # the writer's lock slot is in the name
+        shutil.rmtree(location.path(stream, tmp))
+
+    monkeypatch.setattr(shards_mod, "_fill_store", then_deleted)
+    writer = ShardWriter(tmp_path, "latents", "fp", worker=(1, 2))
+    writer.add("a", {"latents": torch.randn(8, 16, 4)}, "ha")
+    with pytest.raises(CacheError) as caught:
+        writer.close()
+    message = str(caught.value)
+    assert "was deleted by another process" in message and "run this again" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == [".lock-1"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +252,7 @@ def test_encode_is_refused_while_the_stream_is_locked_and_cleans_leftovers(text_
         with pytest.raises(CacheError, match=f"text features in .* are being written by pid {os.getpid()}"):
             encode_stream(text_project, "text", progress=False)
     assert encode_stream(text_project, "text", progress=False).encoded == 3
-    leftovers = [features / "text" / f".tmp-shard-{dead_pid()}@{HOST}-0badc0de.zarr",
+    leftovers = [features / "text" / f".tmp-shard-w0-{dead_pid()}@{HOST}-0badc0de.zarr",
                  features / "text" / ".trash-shard-00000.zarr-abcd"]
     for path in leftovers:
         (path / "c").mkdir(parents=True)
