@@ -49,6 +49,7 @@ except ImportError:  # Windows: no flock; the lock file's owner line is all ther
 HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 HEARTBEAT_S = 60.0  # how often a holder shows it is alive
 STALE_AFTER_S = 15 * 60.0  # another machine's lock or temp store untouched this long is abandoned
+SETTLE_S = 0.2  # a flocked lock without an owner line is being taken or released: look again after this
 _TAG = re.compile(r"-(?:w(\d+)-)?(\d+)@([A-Za-z0-9._-]+)-[0-9a-f]{8}(?:\.zarr)?$")
 
 
@@ -123,13 +124,14 @@ class StreamLock:
         self._fd: int | None = None
         self._nonce = uuid.uuid4().hex
         self._held = False
+        self._started = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- who holds it ----------------------------------------------------------------------------
 
     def _info(self) -> dict:
-        return {"pid": os.getpid(), "host": HOST, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        return {"pid": os.getpid(), "host": HOST, "started": self._started,
                 "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:200],
                 "worker": list(self.worker), "nonce": self._nonce, "heartbeat": time.time()}
 
@@ -152,6 +154,7 @@ class StreamLock:
     def acquire(self) -> "StreamLock":
         if self._held:
             raise RuntimeError(f"{self.path} is already held by this StreamLock")
+        self._started = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # once: heartbeats rewrite the record
         if self.location.local:
             self._acquire_local()
         else:
@@ -195,15 +198,24 @@ class StreamLock:
         """Take the flock; False where the filesystem has none (then the owner line decides)."""
         if fcntl is None:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise self._busy(_parse(os.pread(fd, 1 << 16, 0)) or {}) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return False
-            raise
-        return True
+        for attempt in range(2):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                holder = _parse(os.pread(fd, 1 << 16, 0))
+                if holder and holder.get("pid"):
+                    raise self._busy(holder) from None
+                # Flocked but no owner line (empty or half written): its holder is between the
+                # truncate and the write of acquire, or the truncate and the close of release.
+                if attempt == 0:
+                    time.sleep(SETTLE_S)
+            except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return False
+                raise
+        raise CacheError(f"the {self.stream} lock {self.location.url_of(self.stream, self.name)} is being taken "
+                         f"or released by another process just now; run this again")
 
     def _read_object(self) -> dict | None:
         try:

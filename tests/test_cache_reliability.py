@@ -130,6 +130,52 @@ def test_locks_per_worker_slot_and_object_stores(tmp_path):
         pass
 
 
+def test_a_lock_caught_between_truncate_and_close(tmp_path, monkeypatch):
+    """release() empties the lock file, then closes it (dropping the flock); acquire() empties it,
+    then writes its owner line. A writer arriving in between finds a flocked lock without an owner:
+    it looks again after a moment instead of saying "pid ? on ? since ?"."""
+    import fcntl
+
+    lock_file = tmp_path / "mert" / ".lock-0"
+    lock_file.parent.mkdir()
+
+    def holder_with_no_line():
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        return fd
+
+    fd = holder_with_no_line()
+    monkeypatch.setattr(lock_mod.time, "sleep", lambda seconds: os.close(fd))  # it finishes releasing meanwhile
+    with lock_stream(tmp_path, "mert") as lock:
+        assert lock.held
+    monkeypatch.undo()
+
+    fd = holder_with_no_line()
+    monkeypatch.setattr(lock_mod, "SETTLE_S", 0.01)
+    try:
+        with pytest.raises(CacheError) as caught:  # still no owner line: a line that says what is going on
+            lock_stream(tmp_path, "mert").acquire()
+    finally:
+        os.close(fd)
+    message = str(caught.value)
+    assert "being taken or released by another process just now" in message and "?" not in message
+
+
+def test_object_store_lock_keeps_its_start_time(monkeypatch):
+    """The heartbeat rewrites the object-store lock record; "since ..." must stay the start time."""
+    monkeypatch.setattr(lock_mod, "HEARTBEAT_S", 0.01)
+    url = f"memory://started-{os.getpid()}"
+    with lock_stream(url, "mert") as lock:
+        first = lock._read_object()
+        monkeypatch.setattr(lock_mod.time, "strftime", lambda *a: "LATER")
+        deadline = time.time() + 30
+        while lock._read_object()["heartbeat"] == first["heartbeat"] and time.time() < deadline:
+            time.sleep(0.01)
+        again = lock._read_object()
+    assert again["heartbeat"] != first["heartbeat"] and again["started"] == first["started"] != "LATER"
+
+
 def test_stale_locks_are_taken_over_with_a_message(tmp_path):
     holder = start("""
         import sys, time
