@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -482,6 +483,18 @@ def _load(part: str, root: Path):
     return (MertExtractor if part == "MERT-tiny" else MHubertExtractor).from_folder(root / part)
 
 
+def _bad_header(data: bytes, keep: str) -> bytes:
+    """The file with its JSON header made wrong in shape (same data after it)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    if keep == "no-offsets":  # one tensor entry without data_offsets
+        del header[next(k for k in header if k != "__metadata__")]["data_offsets"]
+    else:  # "list": a header that is a JSON list
+        header = list(header)
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
 @pytest.mark.parametrize("part, weights", [
     ("ace_step_transformer", "ACE-Step-v1-tiny/ace_step_transformer/diffusion_pytorch_model.safetensors"),
     ("music_dcae_f8c8", "ACE-Step-v1-tiny/music_dcae_f8c8/diffusion_pytorch_model.safetensors"),
@@ -490,17 +503,19 @@ def _load(part: str, root: Path):
     ("MERT-tiny", "MERT-tiny/model.safetensors"),
     ("mHuBERT-tiny", "mHuBERT-tiny/model.safetensors"),
 ])
-@pytest.mark.parametrize("keep", ["half", "header"])
+@pytest.mark.parametrize("keep", ["half", "header", "no-offsets", "list"])
 def test_truncated_weight_file_is_a_checkpoint_error_naming_it(demo_root, tmp_path, part, weights, keep):
     root = tmp_path / "models"
     shutil.copytree(demo_root, root)
     path = root / weights
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if keep == "half" else data[:20])
+    cut = {"half": data[: len(data) // 2], "header": data[:20]}
+    path.write_bytes(cut[keep] if keep in cut else _bad_header(data, keep))
     with pytest.raises(CheckpointError) as caught:
         _load(part, root)
     message = str(caught.value)
-    assert f"weight file '{path}' is truncated" in message and "Re-download" in message and "\n" not in message
+    kind = "truncated" if keep in cut else "corrupt"
+    assert f"weight file '{path}' is {kind}" in message and "Re-download" in message and "\n" not in message
 
 
 def test_truncated_torch_bin_is_found(tmp_path):
