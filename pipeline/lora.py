@@ -534,7 +534,8 @@ def convert_weights(weights: dict[str, torch.Tensor], info: LoraInfo, *, baked: 
     """A file's weights (``read_lora_file``) in the form to write with ``write_lora_file(..., baked=baked)``:
     baked (``info.scales`` moved into lora_B) or as trained (the official trainer's form). Unbaking
     divides lora_B by the trained scale: exact for power-of-two scales and for 16-bit training baked
-    into float32, else within one rounding (resume uses training_state.pt, never this)."""
+    into float32, else within one rounding (resume and a checkpoint's official export use
+    training_state.pt, never this)."""
     if baked:
         return weights if info.baked else bake_alpha(weights, info.scales)
     trained = info.trained
