@@ -674,8 +674,9 @@ class ShardWriter:
 
     Holds the stream's lock of its worker slot from creation to ``close()`` (or the end of its
     ``with`` block): ``lock`` is one the caller already holds, else the writer takes its own, and
-    a second writer of the same slot gets a CacheError naming the first. On creation it deletes
-    the temp stores of writers that are gone.
+    a second writer of the same slot gets a CacheError naming the first. Taking its own lock, it
+    deletes the temp stores of writers that are gone (cleanup_temp); given a lock, that is the
+    caller's part (pipeline.encoding does it on every run, once).
 
     Songs added before an exception are still written on exit (each shard atomically); songs never
     added, or whose shard failed to write, simply stay in the next plan's ``to_encode``.
@@ -696,7 +697,8 @@ class ShardWriter:
         self._own_lock = None if lock is not None else StreamLock(self.location, stream, worker).acquire()
         self._lock = lock or self._own_lock
         try:
-            cleanup_temp(self.location, streams=(stream,), lock=self._lock)
+            if self._own_lock is not None:
+                cleanup_temp(self.location, streams=(stream,), lock=self._own_lock)
             self._generation = _next_generation(self.location, stream)
         except BaseException:
             self._release()

@@ -308,6 +308,22 @@ def test_encode_is_refused_while_the_stream_is_locked_and_cleans_leftovers(text_
     assert not any(path.exists() for path in leftovers)  # ...and still tidied
 
 
+def test_encode_cleans_temp_stores_once(text_project, monkeypatch):
+    """The encode step cleans under its lock; the ShardWriter it hands that lock to does not again."""
+    from pipeline import encoding
+
+    calls, real = [], shards_mod.cleanup_temp
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("streams"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "cleanup_temp", counted)
+    monkeypatch.setattr(encoding, "cleanup_temp", counted)
+    assert encoding.encode_stream(text_project, "text", progress=False).encoded == 3
+    assert calls == [("text",)]
+
+
 def biggest_file(folder: Path) -> Path:
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
