@@ -295,6 +295,17 @@ def test_ui_lora_download_kinds(proj, tiny_transformer_dir, tmp_path):
     assert archive.name == "demo_epoch0-step3_lora_official.zip"
     with zipfile.ZipFile(archive) as zf:
         assert zf.namelist() == [f"demo_epoch0-step3_lora_official/{LORA_WEIGHTS_NAME}"]
+    # Every kind is a different LoRA file: none repeats the checkpoint's own (baked) one in a zip.
+    files = []
+    for kind in A.DOWNLOAD_KINDS:
+        got = A.lora_download(proj, "demo", ckpt.name, kind)
+        if got.suffix == ".zip":
+            with zipfile.ZipFile(got) as zf:
+                got = Path(zf.extract(zf.namelist()[0], tmp_path / "unzipped"))
+        files.append(load_file(got))
+    for i, a in enumerate(files):
+        for b in files[i + 1:]:
+            assert a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------ bad input
