@@ -19,9 +19,12 @@ Object stores (``s3://``, ``memory://``): best effort. There is no atomic create
 fsspec, so the lock is an object written, then read back to see who won; two writers starting in
 the same instant can both get it. Its heartbeat is a time inside the object.
 
-Temp stores carry their writer in their name (``owner_tag``: ``<pid>@<host>``), so cleanup deletes
-only those whose writer is gone (``writer_gone``): a dead pid on this machine, or no change for
-``STALE_AFTER_S`` when written from another machine.
+Temp stores carry their writer in their name: ``w<slot>-<pid>@<host>`` (``temp_name``; the slot of
+the stream lock held while writing, none for decoded audio). The holder of slot i's lock deletes
+slot-i temp stores unconditionally: the lock proves their writer is gone. Any other temp store is
+deleted only when its writer looks gone (``writer_gone``) AND it has not changed for
+``STALE_AFTER_S``: a pid that looks dead may be alive in another PID namespace with the same host
+name (containers sharing the UTS namespace, cloned VMs), so the pid alone is not proof.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ except ImportError:  # Windows: no flock; the lock file's owner line is all ther
 HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 HEARTBEAT_S = 60.0  # how often a holder shows it is alive
 STALE_AFTER_S = 15 * 60.0  # another machine's lock or temp store untouched this long is abandoned
-_TAG = re.compile(r"-(\d+)@([A-Za-z0-9._-]+)-[0-9a-f]{8}(?:\.zarr)?$")
+SETTLE_S = 0.2  # a flocked lock without an owner line is being taken or released: look again after this
+_TAG = re.compile(r"-(?:w(\d+)-)?(\d+)@([A-Za-z0-9._-]+)-[0-9a-f]{8}(?:\.zarr)?$")
 
 
 def owner_tag() -> str:
@@ -54,9 +58,17 @@ def owner_tag() -> str:
     return f"{os.getpid()}@{HOST}"
 
 
-def temp_name(prefix: str, suffix: str = "") -> str:
-    """A unique temp name that says who writes it: ``<prefix>-<pid>@<host>-<random><suffix>``."""
-    return f"{prefix}-{owner_tag()}-{uuid.uuid4().hex[:8]}{suffix}"
+def temp_name(prefix: str, suffix: str = "", slot: int | None = None) -> str:
+    """A unique temp name that says who writes it: ``<prefix>-[w<slot>-]<pid>@<host>-<random><suffix>``;
+    ``slot``: the worker slot of the stream lock the writer holds."""
+    held = "" if slot is None else f"w{int(slot)}-"
+    return f"{prefix}-{held}{owner_tag()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def temp_slot(name: str) -> int | None:
+    """The lock slot a temp store was written under (``temp_name``); None when it names none."""
+    match = _TAG.search(name)
+    return int(match.group(1)) if match and match.group(1) is not None else None
 
 
 def pid_alive(pid: int) -> bool:
@@ -80,12 +92,13 @@ def owner_alive(pid: int, host: str, touched: float | None) -> bool:
 
 
 def writer_gone(name: str, touched: float | None) -> bool:
-    """True when the temp store ``name`` (made with ``temp_name``) belongs to a writer that is gone.
-    A name without an owner (written by an older version) counts as another machine's."""
+    """True when the temp store ``name`` (made with ``temp_name``) is unchanged for ``STALE_AFTER_S``
+    and its writer does not look alive (a name without an owner, from an older version: age alone).
+    Age as well as liveness: a pid of this host name may live in another PID namespace."""
+    if touched is None or time.time() - touched < STALE_AFTER_S:
+        return False
     match = _TAG.search(name)
-    if match is None:
-        return touched is not None and time.time() - touched >= STALE_AFTER_S
-    return not owner_alive(int(match.group(1)), match.group(2), touched)
+    return match is None or not owner_alive(int(match.group(2)), match.group(3), touched)
 
 
 def _describe(info: dict) -> str:
@@ -111,13 +124,14 @@ class StreamLock:
         self._fd: int | None = None
         self._nonce = uuid.uuid4().hex
         self._held = False
+        self._started = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- who holds it ----------------------------------------------------------------------------
 
     def _info(self) -> dict:
-        return {"pid": os.getpid(), "host": HOST, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        return {"pid": os.getpid(), "host": HOST, "started": self._started,
                 "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:200],
                 "worker": list(self.worker), "nonce": self._nonce, "heartbeat": time.time()}
 
@@ -140,6 +154,7 @@ class StreamLock:
     def acquire(self) -> "StreamLock":
         if self._held:
             raise RuntimeError(f"{self.path} is already held by this StreamLock")
+        self._started = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # once: heartbeats rewrite the record
         if self.location.local:
             self._acquire_local()
         else:
@@ -183,15 +198,24 @@ class StreamLock:
         """Take the flock; False where the filesystem has none (then the owner line decides)."""
         if fcntl is None:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise self._busy(_parse(os.pread(fd, 1 << 16, 0)) or {}) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return False
-            raise
-        return True
+        for attempt in range(2):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                holder = _parse(os.pread(fd, 1 << 16, 0))
+                if holder and holder.get("pid"):
+                    raise self._busy(holder) from None
+                # Flocked but no owner line (empty or half written): its holder is between the
+                # truncate and the write of acquire, or the truncate and the close of release.
+                if attempt == 0:
+                    time.sleep(SETTLE_S)
+            except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return False
+                raise
+        raise CacheError(f"the {self.stream} lock {self.location.url_of(self.stream, self.name)} is being taken "
+                         f"or released by another process just now; run this again")
 
     def _read_object(self) -> dict | None:
         try:

@@ -7,7 +7,8 @@ same way, which keeps cached == live.
 
 Each store is written under a ``.tmp-<name>-<pid>@<host>-*`` name, flushed (every file and folder)
 and renamed into place, so a kill or power cut leaves the old state or the new store, never half a
-store; temp stores are deleted once their writer is gone (cache/lock.py: writer_gone).
+store; temp stores are deleted once their writer is gone and they are 15 minutes old (cache/lock.py:
+writer_gone).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ On-disk layout (a local folder or any fsspec URL, e.g. ``s3://bucket/cache``, ``
 
     <cache>/<stream>/shard-00000.zarr      one zarr v3 group per (stream, shard); streams are
     <cache>/<stream>/shard-00001.zarr      latents | mert | mhubert | text
-    <cache>/<stream>/.tmp-shard-<pid>@<host>-*   a store being written (ignored; deleted by a later
-                                           writer once its own writer is gone, cache/lock.py)
+    <cache>/<stream>/.tmp-shard-w<slot>-<pid>@<host>-*   a store being written (ignored; deleted by
+                                           the next holder of lock slot <slot>, cache/lock.py)
     <cache>/<stream>/.lock-<worker>        who is writing this stream now (cache/lock.py)
     <cache>/.file_hashes.json              fingerprint memo (cache/fingerprint.py)
 
@@ -65,7 +65,7 @@ from cache.schema import (
     SCHEMA_VERSION, STREAM_NAMES, STREAMS, SongFeatures, check_stream_arrays, from_rows, n_rows,
     row_tail, to_rows,
 )
-from cache.lock import StreamLock, temp_name, writer_gone
+from cache.lock import StreamLock, temp_name, temp_slot, writer_gone
 from pipeline.errors import CacheError
 from pipeline.fileio import disk_full_guard, publish_dir, remove_dir_atomic
 
@@ -512,9 +512,11 @@ def _pending(stream: str, key: str, song, content_hash: str, float_storage: str)
 
 
 def _write_store(location: CacheLocation, stream: str, name: str | None, songs: list[_PendingSong],
-                 fingerprint: str, generation: int, settings: ShardSettings, worker: tuple[int, int] = (0, 1)) -> str:
+                 fingerprint: str, generation: int, settings: ShardSettings, lock: StreamLock,
+                 worker: tuple[int, int] = (0, 1)) -> str:
     """Write a complete shard under a temp name and publish it; returns the name it got.
 
+    ``lock``: the stream lock the caller holds; its slot goes into the temp name (cleanup_temp).
     ``name`` None (writers): the next free number of ``worker``, never replacing a shard another
     writer published meanwhile. A given ``name`` replaces the shard of that name (write_shard).
     """
@@ -525,7 +527,7 @@ def _write_store(location: CacheLocation, stream: str, name: str | None, songs: 
         raise ValueError("a shard needs at least one song")
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate keys in one shard: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
-    tmp = temp_name(".tmp-shard", SHARD_SUFFIX)  # names its writer: cleanup spares it while that lives
+    tmp = temp_name(".tmp-shard", SHARD_SUFFIX, slot=lock.worker[0])  # names its writer and lock slot
     kept = f"the shards already in {location.url_of(stream)} are intact"
     with disk_full_guard(location.url_of(stream, tmp), sum(s.nbytes for s in songs), kept=kept):
         try:
@@ -540,8 +542,12 @@ def _write_store(location: CacheLocation, stream: str, name: str | None, songs: 
                 name = _next_shard_name(location, stream, worker)
                 if location.publish(stream, tmp, name):
                     return name
-        except BaseException:
+        except BaseException as exc:
+            vanished = isinstance(exc, FileNotFoundError) and not location.exists(stream, tmp)
             location.remove_tree(stream, tmp)
+            if vanished:
+                raise CacheError(f"the temp store {location.url_of(stream, tmp)} was deleted by another process "
+                                 f"while this one wrote it; nothing was published: run this again") from None
             raise
 
 
@@ -625,16 +631,19 @@ def _locked(location: CacheLocation, stream: str, lock: StreamLock | None, worke
         yield own
 
 
-def cleanup_temp(folder, storage_options: dict | None = None, streams: tuple[str, ...] | None = None) -> list[str]:
-    """Remove stores left by killed writers and removals: every ``.trash-`` store, and the ``.tmp-``
-    stores whose writer is gone (cache/lock.py: writer_gone). A store another live process is still
-    writing is never touched."""
+def cleanup_temp(folder, storage_options: dict | None = None, streams: tuple[str, ...] | None = None,
+                 lock: StreamLock | None = None) -> list[str]:
+    """Remove stores left by killed writers and removals: every ``.trash-`` store; the ``.tmp-``
+    stores of ``lock``'s slot (a held stream lock: their writer is gone, or it would hold it); other
+    ``.tmp-`` stores once their writer looks gone and they are old (cache/lock.py: writer_gone)."""
     location = folder if isinstance(folder, CacheLocation) else CacheLocation(folder, storage_options)
     removed = []
     for stream in streams or STREAM_NAMES:
+        mine = lock.worker[0] if lock is not None and lock.covers(location, stream) else None
         for name in location.list_dir(stream):
-            if name.startswith(".trash-") or (name.startswith(".tmp-")
-                                              and writer_gone(name, location.modified(stream, name))):
+            if name.startswith(".trash-") or (name.startswith(".tmp-") and (
+                    (mine is not None and temp_slot(name) == mine)
+                    or writer_gone(name, location.modified(stream, name)))):
                 location.remove_tree(stream, name)
                 removed.append(f"{stream}/{name}")
     return removed
@@ -655,9 +664,9 @@ def write_shard(folder, stream: str, shard_name: str | None, songs: Mapping[str,
         raise ValueError(f"content_hashes lacks {missing[:5]}")
     pending = [_pending(stream, k, v, content_hashes[k], settings.float_storage) for k, v in songs.items()]
     name = shard_name and (shard_name if shard_name.endswith(SHARD_SUFFIX) else shard_name + SHARD_SUFFIX)
-    with _locked(location, stream, lock):
+    with _locked(location, stream, lock) as held:
         return _write_store(location, stream, name, pending, fingerprint, _next_generation(location, stream),
-                            settings)
+                            settings, held)
 
 
 class ShardWriter:
@@ -665,8 +674,9 @@ class ShardWriter:
 
     Holds the stream's lock of its worker slot from creation to ``close()`` (or the end of its
     ``with`` block): ``lock`` is one the caller already holds, else the writer takes its own, and
-    a second writer of the same slot gets a CacheError naming the first. On creation it deletes
-    the temp stores of writers that are gone.
+    a second writer of the same slot gets a CacheError naming the first. Taking its own lock, it
+    deletes the temp stores of writers that are gone (cleanup_temp); given a lock, that is the
+    caller's part (pipeline.encoding does it on every run, once).
 
     Songs added before an exception are still written on exit (each shard atomically); songs never
     added, or whose shard failed to write, simply stay in the next plan's ``to_encode``.
@@ -685,8 +695,10 @@ class ShardWriter:
         if lock is not None and not lock.covers(self.location, stream):
             raise ValueError(f"the lock given is not a held lock of {self.location.url_of(stream)}")
         self._own_lock = None if lock is not None else StreamLock(self.location, stream, worker).acquire()
+        self._lock = lock or self._own_lock
         try:
-            cleanup_temp(self.location, streams=(stream,))
+            if self._own_lock is not None:
+                cleanup_temp(self.location, streams=(stream,), lock=self._own_lock)
             self._generation = _next_generation(self.location, stream)
         except BaseException:
             self._release()
@@ -709,7 +721,7 @@ class ShardWriter:
             return None
         songs, self._buffer = self._buffer, []  # a failed write is not retried: its songs get re-encoded
         name = _write_store(self.location, self.stream, None, songs, self.fingerprint, self._generation,
-                            self.settings, self.worker)
+                            self.settings, self._lock, self.worker)
         self._generation += 1
         self.written.append(name)
         return name
@@ -787,7 +799,7 @@ def apply_plan(folder, stream: str, plan: UpdatePlan, settings: ShardSettings | 
     Holds the stream's lock (``lock``: one the caller already holds).
     """
     location = folder if isinstance(folder, CacheLocation) else CacheLocation(folder, storage_options)
-    with _locked(location, stream, lock, worker):
+    with _locked(location, stream, lock, worker) as held:
         index = CacheIndex.open(location, streams=(stream,), skip_unreadable=True)
         generation = 1 + max((i.generation for i in index.shards.get(stream, [])), default=0)
         for name, keep in plan.shards.items():
@@ -804,7 +816,8 @@ def apply_plan(folder, stream: str, plan: UpdatePlan, settings: ShardSettings | 
                                                     {f: list(s) for f, s in entry.shapes.items()}, entry.sha256))
                 # worker: the compacted shard takes one of this worker's own numbers, never a name
                 # another parallel worker may be writing
-                _write_store(location, stream, None, pending, info.fingerprint, generation, copy_settings, worker)
+                _write_store(location, stream, None, pending, info.fingerprint, generation, copy_settings, held,
+                             worker)
                 generation += 1
             if location.exists(stream, name):  # (an unreadable shard has no info: it goes too)
                 _remove_shard(location, stream, name)

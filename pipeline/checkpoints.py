@@ -76,7 +76,10 @@ def weight_file_problem(path: str | Path) -> str | None:
                 header = json.loads(handle.read(header_len))
             except ValueError:
                 return "corrupt (unreadable header)"
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        problem = _safetensors_header_problem(header)
+        if problem:
+            return f"corrupt ({problem})"
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         expected = 8 + header_len + max(ends, default=0)
         if size != expected:
             return f"{'truncated' if size < expected else 'corrupt'} ({size} bytes, its header says {expected})"
@@ -90,6 +93,27 @@ def weight_file_problem(path: str | Path) -> str | None:
                 return None
         except (zipfile.BadZipFile, OSError) as exc:
             return f"truncated or corrupt ({size} bytes: {exc})"
+    return None
+
+
+def _safetensors_header_problem(header) -> str | None:
+    """What is wrong with the shape of a parsed safetensors header: an object mapping each tensor
+    name to {dtype, shape, data_offsets [begin, end]}, plus an optional ``__metadata__`` object."""
+    if not isinstance(header, dict):
+        return f"its header is a JSON {type(header).__name__}, not an object"
+
+    def counts(values, n=None) -> bool:
+        return (isinstance(values, list) and (n is None or len(values) == n)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
+
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict):
+                return "its header's __metadata__ is not an object"
+            continue
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and counts(entry.get("shape"))
+                and counts(entry.get("data_offsets"), 2) and entry["data_offsets"][0] <= entry["data_offsets"][1]):
+            return f"its header entry {name!r} is not {{dtype, shape, data_offsets}}"
     return None
 
 

@@ -111,7 +111,7 @@ def encode_stream(project: ProjectConfig, stream: str, worker: tuple[int, int] =
                                      cache_dir=Path(project.paths.cache))
     settings = ShardSettings(float_storage=project.encode.storage_dtype)
     with lock_stream(folder, stream, worker) as lock:
-        cleanup_temp(folder, streams=(stream,))  # on every run, also one with nothing to encode
+        cleanup_temp(folder, streams=(stream,), lock=lock)  # on every run, also one with nothing to encode
         plan = plan_update(CacheIndex.open(folder, streams=(stream,), skip_unreadable=True), stream, wanted,
                            fingerprint, verify=verify)
         index, total = worker

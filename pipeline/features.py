@@ -22,8 +22,17 @@ import torch
 from pipeline.checkpoints import lyric_embedding_rows
 from pipeline.config import EncodeConfig, ModelsConfig, resolve_device, resolve_dtype
 
-# Bump when the way features are computed changes: every cached shard made before is refused.
-FEATURES_CODE_VERSION = "2"  # 2: lyric cleaners with the reference's currency and line-strip rules (#14)
+# Per stream, part of its fingerprint: bump a stream's entry when the way ITS features are computed
+# changes, and only that stream's cached shards are refused and re-encoded (a lyric-cleaner change
+# must not re-run DCAE, MERT and mHuBERT over a whole dataset).
+FEATURES_CODE_VERSION = {
+    "latents": "1",
+    "mert": "1",
+    "mhubert": "1",
+    # 2: lyric cleaners with the reference's currency and line-strip rules (#14); 3: curly quotes
+    # removed before that strip, so '“ hi ”' no longer keeps edge spaces
+    "text": "3",
+}
 AUDIO_STREAMS = ("latents", "mert", "mhubert")
 STREAMS = AUDIO_STREAMS + ("text",)
 
@@ -73,8 +82,8 @@ def stream_fingerprint(stream: str, models: ModelsConfig, encode: EncodeConfig, 
     from cache.fingerprint import fingerprint, hash_cache_path
 
     memo = hash_cache_path(cache_dir) if cache_dir is not None else None
-    return fingerprint(stream_sources(stream, models), stream_settings(stream, encode, min_seconds), FEATURES_CODE_VERSION,
-                       hash_cache=memo)
+    return fingerprint(stream_sources(stream, models), stream_settings(stream, encode, min_seconds),
+                       FEATURES_CODE_VERSION[stream], hash_cache=memo)
 
 
 def song_seed(text_seed: int, key: str) -> int:

@@ -22,7 +22,8 @@ the unbaked weights kept in training_state.pt (pipeline.train_state).
 ``inspect_lora`` reads what a file says (header and ``.alpha`` scalars, not the weights),
 ``read_lora_file`` its weights too, and ``load_lora`` applies exactly the trained change × weight
 whatever the kind of file: ours (baked or not), kohya/ComfyUI-style ``.alpha`` files, diffusers and
-official-trainer files.
+official-trainer files (it is ``read_lora_file`` then ``attach_lora``; callers that also want the
+file's account call those two and read the file once).
 """
 from __future__ import annotations
 
@@ -534,7 +535,8 @@ def convert_weights(weights: dict[str, torch.Tensor], info: LoraInfo, *, baked: 
     """A file's weights (``read_lora_file``) in the form to write with ``write_lora_file(..., baked=baked)``:
     baked (``info.scales`` moved into lora_B) or as trained (the official trainer's form). Unbaking
     divides lora_B by the trained scale: exact for power-of-two scales and for 16-bit training baked
-    into float32, else within one rounding (resume uses training_state.pt, never this)."""
+    into float32, else within one rounding (resume and a checkpoint's official export use
+    training_state.pt, never this)."""
     if baked:
         return weights if info.baked else bake_alpha(weights, info.scales)
     trained = info.trained
@@ -574,6 +576,13 @@ def load_lora(
     that lacks them. Replaces a previous adapter of the same name. Returns the trained settings (their
     ``scale`` × ``weight`` is the strength applied to the trained factors)."""
     weights, info = read_lora_file(path, alpha=alpha, use_rslora=use_rslora)
+    attach_lora(model, weights, info, weight=weight, adapter_name=adapter_name)
+    return info.trained
+
+
+def attach_lora(model: nn.Module, weights: dict[str, torch.Tensor], info: LoraInfo, weight: float = 1.0,
+                adapter_name: str = "ace_step_lora") -> None:
+    """``load_lora`` for a file already read with ``read_lora_file`` (its weights and its account)."""
     file, modules = info.file, _pairs(weights)
     remove_lora(model, adapter_name)
     named = dict(model.named_modules())
@@ -614,4 +623,3 @@ def load_lora(
     # peft's set_adapter marks the active adapter trainable; a loaded LoRA is for inference.
     for p in lora_parameters(model, adapter_name):
         p.requires_grad_(False)
-    return info.trained

@@ -129,6 +129,29 @@ def test_cache_from_other_settings_is_refused(project):
         check_cache(project.paths.features, expected)
 
 
+def test_a_text_code_version_bump_leaves_the_audio_fingerprints(demo_root, monkeypatch):
+    """FEATURES_CODE_VERSION is per stream: a lyric-cleaner change re-encodes text only. The audio
+    streams still hash code version "1", so caches made before the text bump stay valid."""
+    from cache.fingerprint import fingerprint
+    from pipeline import features
+    from pipeline.tiny.demo import demo_models
+
+    models, encode = demo_models(demo_root), EncodeConfig()
+
+    def prints():
+        return {s: stream_fingerprint(s, models, encode, 1.0) for s in STREAMS}
+
+    before = prints()
+    for stream in features.AUDIO_STREAMS:
+        as_released = fingerprint(features.stream_sources(stream, models),
+                                  features.stream_settings(stream, encode, 1.0), "1")
+        assert before[stream] == as_released, stream
+    monkeypatch.setitem(features.FEATURES_CODE_VERSION, "text", "99")
+    after = prints()
+    assert after["text"] != before["text"]
+    assert {s: after[s] for s in features.AUDIO_STREAMS} == {s: before[s] for s in features.AUDIO_STREAMS}
+
+
 def test_cached_and_live_give_the_same_batch_and_loss(project, demo_root):
     from pipeline.live import LiveSource
     from pipeline.train import compute_loss, load_transformer_for_training

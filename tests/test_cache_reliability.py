@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,52 @@ def test_locks_per_worker_slot_and_object_stores(tmp_path):
         pass
 
 
+def test_a_lock_caught_between_truncate_and_close(tmp_path, monkeypatch):
+    """release() empties the lock file, then closes it (dropping the flock); acquire() empties it,
+    then writes its owner line. A writer arriving in between finds a flocked lock without an owner:
+    it looks again after a moment instead of saying "pid ? on ? since ?"."""
+    import fcntl
+
+    lock_file = tmp_path / "mert" / ".lock-0"
+    lock_file.parent.mkdir()
+
+    def holder_with_no_line():
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        return fd
+
+    fd = holder_with_no_line()
+    monkeypatch.setattr(lock_mod.time, "sleep", lambda seconds: os.close(fd))  # it finishes releasing meanwhile
+    with lock_stream(tmp_path, "mert") as lock:
+        assert lock.held
+    monkeypatch.undo()
+
+    fd = holder_with_no_line()
+    monkeypatch.setattr(lock_mod, "SETTLE_S", 0.01)
+    try:
+        with pytest.raises(CacheError) as caught:  # still no owner line: a line that says what is going on
+            lock_stream(tmp_path, "mert").acquire()
+    finally:
+        os.close(fd)
+    message = str(caught.value)
+    assert "being taken or released by another process just now" in message and "?" not in message
+
+
+def test_object_store_lock_keeps_its_start_time(monkeypatch):
+    """The heartbeat rewrites the object-store lock record; "since ..." must stay the start time."""
+    monkeypatch.setattr(lock_mod, "HEARTBEAT_S", 0.01)
+    url = f"memory://started-{os.getpid()}"
+    with lock_stream(url, "mert") as lock:
+        first = lock._read_object()
+        monkeypatch.setattr(lock_mod.time, "strftime", lambda *a: "LATER")
+        deadline = time.time() + 30
+        while lock._read_object()["heartbeat"] == first["heartbeat"] and time.time() < deadline:
+            time.sleep(0.01)
+        again = lock._read_object()
+    assert again["heartbeat"] != first["heartbeat"] and again["started"] == first["started"] != "LATER"
+
+
 def test_stale_locks_are_taken_over_with_a_message(tmp_path):
     holder = start("""
         import sys, time
@@ -164,19 +211,52 @@ def test_stale_locks_are_taken_over_with_a_message(tmp_path):
 def test_cleanup_deletes_only_stores_of_writers_that_are_gone(tmp_path):
     stream = tmp_path / "mert"
     names = {
-        "dead": f".tmp-shard-{dead_pid()}@{HOST}-0123abcd.zarr",
-        "alive": f".tmp-shard-{os.getpid()}@{HOST}-0123abcd.zarr",
-        "elsewhere": ".tmp-shard-77@other-machine-0123abcd.zarr",
-        "elsewhere-old": ".tmp-shard-78@other-machine-0123abcd.zarr",
+        # a dead-looking pid is not enough: it may be a live writer in another PID namespace
+        # that shares this host name (containers with --uts=host, cloned VMs)
+        "dead": f".tmp-shard-w1-{dead_pid()}@{HOST}-0123abcd.zarr",
+        "dead-old": f".tmp-shard-w1-{dead_pid()}@{HOST}-4567abcd.zarr",
+        "alive-old": f".tmp-shard-w1-{os.getpid()}@{HOST}-0123abcd.zarr",
+        "elsewhere": ".tmp-shard-w1-77@other-machine-0123abcd.zarr",
+        "elsewhere-old": ".tmp-shard-78@other-machine-0123abcd.zarr",  # named before slots were
         "trash": ".trash-shard-00003.zarr-x1y2",
     }
     for name in names.values():
         (stream / name).mkdir(parents=True)
     old = time.time() - lock_mod.STALE_AFTER_S - 1
-    os.utime(stream / names["elsewhere-old"], (old, old))
+    for key in ("dead-old", "alive-old", "elsewhere-old"):
+        os.utime(stream / names[key], (old, old))
     removed = cleanup_temp(tmp_path)
-    assert sorted(removed) == sorted(f"mert/{names[k]}" for k in ("dead", "elsewhere-old", "trash"))
-    assert sorted(p.name for p in stream.iterdir()) == sorted([names["alive"], names["elsewhere"]])
+    assert sorted(removed) == sorted(f"mert/{names[k]}" for k in ("dead-old", "elsewhere-old", "trash"))
+    assert sorted(p.name for p in stream.iterdir()) == sorted(names[k] for k in ("dead", "alive-old", "elsewhere"))
+
+    # The holder of slot 1's lock deletes slot-1 stores whatever their pid says (the lock proves
+    # their writer is gone) and leaves the other slots' recent ones alone.
+    other_slot = f".tmp-shard-w0-{dead_pid()}@{HOST}-89abcdef.zarr"
+    (stream / other_slot).mkdir()
+    with lock_stream(tmp_path, "mert", (1, 2)) as lock:
+        removed = cleanup_temp(tmp_path, streams=("mert",), lock=lock)
+    assert sorted(removed) == sorted(f"mert/{names[k]}" for k in ("dead", "alive-old", "elsewhere"))
+    assert sorted(p.name for p in stream.iterdir()) == sorted([".lock-1", other_slot])
+
+
+def test_a_temp_store_deleted_under_a_writer_is_one_line(tmp_path, monkeypatch):
+    """Were a live writer's temp store deleted anyway (a cleanup that misjudged it), its publish says
+    so in one line instead of a FileNotFoundError traceback, and publishes nothing."""
+    real = shards_mod._fill_store
+
+    def then_deleted(location, stream, tmp, *args, **kwargs):
+        real(location, stream, tmp, *args, **kwargs)
+        assert tmp.startswith(".tmp-shard-w1-")  # the writer's lock slot is in the name
+        shutil.rmtree(location.path(stream, tmp))
+
+    monkeypatch.setattr(shards_mod, "_fill_store", then_deleted)
+    writer = ShardWriter(tmp_path, "latents", "fp", worker=(1, 2))
+    writer.add("a", {"latents": torch.randn(8, 16, 4)}, "ha")
+    with pytest.raises(CacheError) as caught:
+        writer.close()
+    message = str(caught.value)
+    assert "was deleted by another process" in message and "run this again" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == [".lock-1"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,13 +299,29 @@ def test_encode_is_refused_while_the_stream_is_locked_and_cleans_leftovers(text_
         with pytest.raises(CacheError, match=f"text features in .* are being written by pid {os.getpid()}"):
             encode_stream(text_project, "text", progress=False)
     assert encode_stream(text_project, "text", progress=False).encoded == 3
-    leftovers = [features / "text" / f".tmp-shard-{dead_pid()}@{HOST}-0badc0de.zarr",
+    leftovers = [features / "text" / f".tmp-shard-w0-{dead_pid()}@{HOST}-0badc0de.zarr",
                  features / "text" / ".trash-shard-00000.zarr-abcd"]
     for path in leftovers:
         (path / "c").mkdir(parents=True)
     summary = encode_stream(text_project, "text", progress=False)  # nothing to encode...
     assert (summary.encoded, summary.kept) == (0, 3)
     assert not any(path.exists() for path in leftovers)  # ...and still tidied
+
+
+def test_encode_cleans_temp_stores_once(text_project, monkeypatch):
+    """The encode step cleans under its lock; the ShardWriter it hands that lock to does not again."""
+    from pipeline import encoding
+
+    calls, real = [], shards_mod.cleanup_temp
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("streams"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "cleanup_temp", counted)
+    monkeypatch.setattr(encoding, "cleanup_temp", counted)
+    assert encoding.encode_stream(text_project, "text", progress=False).encoded == 3
+    assert calls == [("text",)]
 
 
 def biggest_file(folder: Path) -> Path:
@@ -403,6 +499,18 @@ def _load(part: str, root: Path):
     return (MertExtractor if part == "MERT-tiny" else MHubertExtractor).from_folder(root / part)
 
 
+def _bad_header(data: bytes, keep: str) -> bytes:
+    """The file with its JSON header made wrong in shape (same data after it)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    if keep == "no-offsets":  # one tensor entry without data_offsets
+        del header[next(k for k in header if k != "__metadata__")]["data_offsets"]
+    else:  # "list": a header that is a JSON list
+        header = list(header)
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
 @pytest.mark.parametrize("part, weights", [
     ("ace_step_transformer", "ACE-Step-v1-tiny/ace_step_transformer/diffusion_pytorch_model.safetensors"),
     ("music_dcae_f8c8", "ACE-Step-v1-tiny/music_dcae_f8c8/diffusion_pytorch_model.safetensors"),
@@ -411,17 +519,19 @@ def _load(part: str, root: Path):
     ("MERT-tiny", "MERT-tiny/model.safetensors"),
     ("mHuBERT-tiny", "mHuBERT-tiny/model.safetensors"),
 ])
-@pytest.mark.parametrize("keep", ["half", "header"])
+@pytest.mark.parametrize("keep", ["half", "header", "no-offsets", "list"])
 def test_truncated_weight_file_is_a_checkpoint_error_naming_it(demo_root, tmp_path, part, weights, keep):
     root = tmp_path / "models"
     shutil.copytree(demo_root, root)
     path = root / weights
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if keep == "half" else data[:20])
+    cut = {"half": data[: len(data) // 2], "header": data[:20]}
+    path.write_bytes(cut[keep] if keep in cut else _bad_header(data, keep))
     with pytest.raises(CheckpointError) as caught:
         _load(part, root)
     message = str(caught.value)
-    assert f"weight file '{path}' is truncated" in message and "Re-download" in message and "\n" not in message
+    kind = "truncated" if keep in cut else "corrupt"
+    assert f"weight file '{path}' is {kind}" in message and "Re-download" in message and "\n" not in message
 
 
 def test_truncated_torch_bin_is_found(tmp_path):

@@ -283,11 +283,17 @@ def _tiny_lora(tiny_checkpoint, folder: Path, r=4, alpha=32.0, rslora=True) -> P
 
 
 @pytest.mark.parametrize("rslora", [True, False])
-def test_lora_is_applied_at_its_trained_scale(tiny_checkpoint, tmp_path, rslora):
+def test_lora_is_applied_at_its_trained_scale(tiny_checkpoint, tmp_path, rslora, monkeypatch):
     lora_dir = _tiny_lora(tiny_checkpoint, tmp_path / "epoch=0-step=1_lora", rslora=rslora)  # the file form
     dev = torch.device("cpu")
     model = gen.load_transformer(tiny_checkpoint, dev, torch.float32)
+    import pipeline.lora
+
+    headers = []
+    real = pipeline.lora._read_header
+    monkeypatch.setattr(pipeline.lora, "_read_header", lambda file: headers.append(file) or real(file))
     info = gen.apply_lora(model, lora_dir, 0.5)
+    assert len(headers) == 1  # the file's header is read once
     expected = 32.0 / math.sqrt(4) if rslora else 32.0 / 4
     assert math.isclose(info["trained_scale"], expected) and math.isclose(info["effective_scale"], 0.5 * expected)
     assert info["baked"] and "baked" in info["scale_source"]

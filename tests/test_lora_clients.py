@@ -255,6 +255,18 @@ def test_export_lora_formats_and_file_modes(tiny_transformer_dir, tmp_path, caps
     assert all(torch.equal(baked[k], again[k]) for k in baked)  # baked → official → baked: the same file
 
 
+def test_official_export_of_a_checkpoint_is_the_trained_weights_exactly(tiny_transformer_dir, tmp_path):
+    """fp32 training with scale 7/sqrt(6): dividing the baked lora_B by the scale again is off in the
+    last bit; a checkpoint folder's official export takes the weights kept in training_state.pt."""
+    from stages.cli import main
+
+    _, model, _, ckpt = trained_run(tiny_transformer_dir, CASES["odd-fp32"], tmp_path / "run")
+    main(["export-lora", str(ckpt), "--out", str(tmp_path / "official"), "--format", "official"])
+    official, trained = load_file(tmp_path / "official" / LORA_FILE), lora_state_dict(model, ADAPTER)
+    assert official.keys() == trained.keys()
+    assert all(official[k].dtype == torch.float32 and torch.equal(official[k], trained[k]) for k in trained)
+
+
 def test_lora_info_cli(tiny_transformer_dir, tmp_path, capsys):
     from stages.cli import main
 
@@ -283,6 +295,17 @@ def test_ui_lora_download_kinds(proj, tiny_transformer_dir, tmp_path):
     assert archive.name == "demo_epoch0-step3_lora_official.zip"
     with zipfile.ZipFile(archive) as zf:
         assert zf.namelist() == [f"demo_epoch0-step3_lora_official/{LORA_WEIGHTS_NAME}"]
+    # Every kind is a different LoRA file: none repeats the checkpoint's own (baked) one in a zip.
+    files = []
+    for kind in A.DOWNLOAD_KINDS:
+        got = A.lora_download(proj, "demo", ckpt.name, kind)
+        if got.suffix == ".zip":
+            with zipfile.ZipFile(got) as zf:
+                got = Path(zf.extract(zf.namelist()[0], tmp_path / "unzipped"))
+        files.append(load_file(got))
+    for i, a in enumerate(files):
+        for b in files[i + 1:]:
+            assert a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------ bad input

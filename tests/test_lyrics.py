@@ -172,6 +172,9 @@ def test_line_ends_are_stripped_in_cleaned_languages(monkeypatch):
     assert clean_line("\tYo soy  $3 ", "es") == "yo soy tres dólares"
     assert clean_line("  & me  ", "en") == "and me"  # also the spaces a symbol's word brings
     assert clean_line("  你好　", "zh") == "ni3hao3"
+    # Curly quotes vanish before the strip, so the spaces inside them do not become the line's ends.
+    assert clean_line("“ hello ”", "en") == "hello"
+    assert clean_line(" “ Hola ” ", "es") == "hola"
     # hi and ja are not stripped by the cleaners: hi keeps the spaces; cutlet drops them itself,
     # the fallback without cutlet keeps them.
     assert clean_line("  नमस्ते  ", "hi") == "  नमस्ते  "

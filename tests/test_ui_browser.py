@@ -260,11 +260,11 @@ def test_upload_convert_train_stop_checkpoint(server, browser, tmp_path):
     table = _wait("checkpoints listed", lambda: (lambda t: saved[-1].name in t and t)(_text(d, "ckpt-table")), 30, server)
     # every checkpoint still on disk is listed (keep_last may have pruned the earliest ones)
     assert all(p.name in table for p in saved)
-    # Download the alpha-baked LoRA (aceturbo export-lora --format baked, zipped).
-    d.find_element(By.ID, "dl-kind").find_element(By.XPATH, ".//label[contains(., 'alpha baked')]").click()
+    # Download the official (unbaked) LoRA (aceturbo export-lora --format official, zipped).
+    d.find_element(By.ID, "dl-kind").find_element(By.XPATH, ".//label[contains(., 'official')]").click()
     _click(d, "prepare-download")
-    _wait("the LoRA zip", lambda: "_baked.zip" in _text(d, "dl-msg"), 60, server)
-    assert "lora_baked" in _text(d, "dl-file")  # the file widget offers it for download
+    _wait("the LoRA zip", lambda: "_official.zip" in _text(d, "dl-msg"), 60, server)
+    assert "lora_official" in _text(d, "dl-file")  # the file widget offers it for download
     # A short sample with the chosen checkpoint (aceturbo generate --lora ...).
     for elem_id, value in (("gen-seconds", "2"), ("gen-steps", "4")):
         box = d.find_element(By.ID, elem_id).find_element(By.CSS_SELECTOR, "input")

@@ -207,11 +207,12 @@ def require_lora_path(lora: str | Path) -> Path:
 def apply_lora(transformer, lora: str | Path, weight: float) -> dict[str, Any]:
     """Load a LoRA (a ``pytorch_lora_weights.safetensors`` file or its folder, any kind:
     pipeline.lora.inspect_lora) at ``weight`` × its trained change, and return what to record about it."""
-    from pipeline.lora import inspect_lora, load_lora
+    from pipeline.lora import attach_lora, read_lora_file
 
     path = require_lora_path(lora)
-    trained = load_lora(transformer, path, weight=weight)
-    info = inspect_lora(path)  # header only: how the file carries its scale
+    weights, info = read_lora_file(path)  # the header once: what to apply and how the file carries its scale
+    attach_lora(transformer, weights, info, weight=weight)
+    trained = info.trained
     return {
         "path": str(path.resolve()),
         "weight": float(weight),

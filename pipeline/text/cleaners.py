@@ -8,11 +8,12 @@ an unnormalised "3" or "你" would become ``[UNK]``. Steps, in order:
 1. lower-case and drop double quotes (every language);
 2. numbers → words (num2words; our own converter for Chinese, which num2words lacks):
    currency amounts, decimals, ordinals, integers;
-3. abbreviations ("dr." → "doctor") and symbols ("&" → "and") in the line's language; the
-   symbol step ends by stripping the line, so its leading/trailing spaces never become [SPACE];
+3. abbreviations ("dr." → "doctor") in the line's language;
 4. full-width CJK punctuation → ASCII (the vocabulary only has the ASCII marks);
-5. whitespace runs collapsed to single spaces;
-6. script conversion: zh → pinyin with tone numbers (TONE3, syllables joined), ko → academic
+5. symbols ("&" → "and") in the line's language; this step ends by stripping the line, so its
+   leading/trailing spaces never become [SPACE];
+6. whitespace runs collapsed to single spaces;
+7. script conversion: zh → pinyin with tone numbers (TONE3, syllables joined), ko → academic
    romanisation, ja → Hepburn romaji (cutlet, MeCab/UniDic-lite), hi → lower-case only.
 
 `clean_line(text, lang)` is the only entry point the tokenizer needs.
@@ -220,6 +221,11 @@ def expand_numbers(text: str, lang: str) -> str:
     text = expand_currencies(text, lang)
     if lang != "tr":  # the released tokenizer left Turkish decimals to the integer step
         text = _DECIMAL.sub(lambda m: _number_words(m.group(0), lang), text)
+    # Ordinals. Issue #14 gives the reference's order as "... then ordinals (hu, ko); then integers",
+    # but we have no facts about its hu/ko ordinal patterns, so none is guessed: hu/ko digits go to
+    # the integer step. The English rule ("21st" → "twenty-first") is kept from spec §4.3's
+    # "num2words number expansion"; the issue's list suggests the reference may not have it, and no
+    # golden case has an ordinal to tell.
     if lang == "en":
         text = _EN_ORDINAL.sub(lambda m: _num2words(int(m.group(1)), "en", "ordinal") or m.group(0), text)
     return _INTEGER.sub(lambda m: _number_words(m.group(0), lang), text)
@@ -316,8 +322,10 @@ def clean_line(text: str, lang: str) -> str:
     text = text.lower().replace('"', "")
     text = expand_numbers(text, lang)
     text = expand_abbreviations(text, lang)
-    text = expand_symbols(text, lang)
+    # Before the symbol step, whose strip() must come last: “ ” map to "" and could uncover spaces
+    # at a line's ends ('“ hello ”'). No symbol is among these marks, so the order changes nothing else.
     text = text.translate(_CJK_PUNCTUATION)
+    text = expand_symbols(text, lang)
     text = collapse_whitespace(text)
     if lang == "zh":
         text = to_pinyin(text)

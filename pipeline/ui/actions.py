@@ -978,14 +978,15 @@ def generate_sample(proj: ProjectConfig, run: str, checkpoint: str, prompt: str,
 
 
 DOWNLOAD_KINDS = ("safetensors file (strength 1.0 everywhere)",
-                  "zip (official folder, unbaked: trained alpha in metadata)", "zip (alpha baked in)")
-# → `aceturbo export-lora --format` (None: the checkpoint's own file, already baked)
-_EXPORT_FORMATS = dict(zip(DOWNLOAD_KINDS, (None, "official", "baked")))
+                  "zip (official folder, unbaked: trained alpha in metadata)")
+# → `aceturbo export-lora --format` (None: the checkpoint's own file, already baked; a "baked" export
+# of it would be the same file again)
+_EXPORT_FORMATS = dict(zip(DOWNLOAD_KINDS, (None, "official")))
 
 
 def lora_download(proj: ProjectConfig, run: str, checkpoint: str, kind: str) -> Path:
     """The file to download: the checkpoint's safetensors (scale baked in), or a zip of
-    `aceturbo export-lora`'s folder in the chosen format."""
+    `aceturbo export-lora --format official`'s folder."""
     from pipeline.train_state import LORA_FILE
 
     src = checkpoint_path(proj, run, checkpoint)
