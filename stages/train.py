@@ -243,11 +243,11 @@ def measured_resources(config: TrainConfig, summary: dict, device, world_size: i
     """samples/s over the steady steps and this process's peak memory (RSS; GPU allocations on CUDA)."""
     import torch
 
-    from pipeline.bench import peak_rss_mb
+    from pipeline.memory import host_memory
 
     samples = config.batch_size * config.grad_accumulation * world_size
     out = {"samples_per_s": samples / summary["sec_per_step"] if summary.get("sec_per_step") else None,
-           "peak_rss_mb": round(peak_rss_mb(), 1)}
+           "peak_rss_mb": round(host_memory().get("peak_rss_mb", 0.0), 1)}
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out

@@ -208,7 +208,7 @@ def test_held_out_songs_give_the_same_validation_set_cached_and_live(project, de
     sets = {}
     for live in (False, True):
         config = TrainConfig(live=live, max_seconds=MAX_SECONDS, val_songs=[ids[0]], val_sigmas=3)
-        batches, validation = make_data(config, project, transformer_dir, None, distributed.info())
+        batches, validation = make_data(config, project, transformer_dir, None, torch.device("cpu"), distributed.info())
         epoch = iter(batches)  # one pass over the two training songs
         trained = {k for _ in range(2) for k in next(epoch)["keys"]}
         assert trained == set(ids[1:])
