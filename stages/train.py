@@ -228,8 +228,9 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
         click.echo(f"done: {summary['step']} steps, last loss {summary['last_loss']}{speed}; "
                    f"LoRA in {summary['checkpoint']}")
         if summary["best_step"] is not None:
+            cost = f"; {summary['val_seconds']:.2f} s per validation" if summary["val_seconds"] is not None else ""
             click.echo(f"best: val_loss {summary['best_val_loss']:.5f} at step {summary['best_step']} → "
-                       f"{summary['best_checkpoint']} (named in best.json; {summary['val_seconds']:.2f} s per validation)")
+                       f"{summary['best_checkpoint']} (named in best.json{cost})")
         if dvc_dir:
             from pipeline.metrics import read_metrics, write_dvc_files
 
