@@ -180,8 +180,7 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     with hold_run_lock(run_dir, rank, device) as lock:
         if lock is not None:
             if lock.took_over:
-                click.echo(f"note: took over the lock of experiment '{config.run_name}' from "
-                           f"{lock.took_over.describe()}, which is no longer running.", err=True)
+                click.echo(f"note: {lock.took_over_line}.", err=True)
             for note in clean_leftovers(run_dir):
                 click.echo(f"note: {run_dir.name}: {note}", err=True)
         distributed.barrier()  # leftovers are cleared before any rank reads the folder

@@ -93,7 +93,7 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_folder(project, capsys
         assert not list(run.parent.glob("cli.*"))
     # the holder died (kill -9): its lock is taken over, with a note, and training continues
     assert _run(params, "--max-steps", "4", "--resume", "latest") == 0
-    assert f"took over the lock of experiment 'cli' from pid {other.pid}" in capsys.readouterr().err
+    assert f"took over the lock of experiment 'cli' ({run}) from pid {other.pid} on host " in capsys.readouterr().err
     assert list_checkpoints(run)[-1].name.endswith("step=4_lora")
     assert not run_lock_path(run).exists()  # released at the end
 
