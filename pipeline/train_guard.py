@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.checkpoints import verify_safetensors
+from pipeline.checkpoints import check_weight_files
 from pipeline.errors import CheckpointError, ConfigError, DiskFullError, MemoryLimitError
 from pipeline.fileio import free_bytes, is_disk_full
 from pipeline.train_config import TrainConfig
@@ -35,8 +35,7 @@ def preflight(config: TrainConfig, transformer_dir: str | Path, device: torch.de
     aside, or after minutes of loading)."""
     folder = Path(transformer_dir)
     model_config = transformer_config(folder)
-    for weights in sorted(folder.glob("*.safetensors")):
-        verify_safetensors(weights, "acestep")
+    check_weight_files(folder, "ACE-Step transformer", "acestep")
     check_window(config, model_config)
     model = meta_transformer(model_config)
     layers = lora_target_layers(model, config.target_modules)

@@ -146,7 +146,7 @@ FAILED_STARTS = {
     "cuda beyond the gpus": (["--device", "cuda:99"], "device 'cuda:99' asked for"),
     "alpha not finite": (["--alpha", "inf"], "'alpha' must be a finite number"),
     "shift not finite": (["--shift", "nan"], "'shift' must be a finite number"),
-    "truncated transformer": ([], "is truncated or damaged"),
+    "truncated transformer": ([], "diffusion_pytorch_model.safetensors' is truncated ("),
 }
 
 
