@@ -489,13 +489,6 @@ class _Shapes:
         self.inner.load_state_dict(state)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
 def _device_memory(result: dict, prefix: str = "cuda") -> None:
     import torch
 
@@ -512,6 +505,7 @@ def _child_train(spec: dict) -> dict:
     from cache.loader import LoaderSettings, make_loader
     from pipeline.train import PRECISION_DTYPES, batch_to_device, load_transformer_for_training, train
     from pipeline.train_config import from_params
+    from pipeline.train_guard import is_out_of_memory
 
     result: dict[str, Any] = {"mode": spec["mode"], "start": host_memory()}
     mode = spec["mode"]
@@ -555,7 +549,7 @@ def _child_train(spec: dict) -> dict:
         result["encoders_param_bytes"] = encoders_bytes
         summary = train(config, transformer, _Shapes(batches, shapes), run_dir)
     except Exception as exc:  # a measurement: "does not fit" is a result, reported in one line
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         result.update(error="out_of_memory", message=str(exc).strip().splitlines()[0][:300], shapes=shapes,
                       **_training_memory(result))
