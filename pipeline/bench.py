@@ -364,6 +364,17 @@ def _build_inputs(spec: dict) -> float | None:
     return None if done else time.perf_counter() - tic
 
 
+def _encode_songs(encoder, texts: list[dict], wavs: list) -> None:
+    """One pass of a StreamEncoder over the bench's songs: their prompts and lyrics for the text
+    stream, their audio for the others."""
+    if encoder.stream == "text":
+        for t in texts:
+            encoder.text(t["id"], t["tags"], t.get("recaption") or {}, t["lyrics"])
+    else:
+        for wav in wavs:
+            encoder.audio(wav)
+
+
 def _child_prepare(spec: dict) -> dict:
     """checkpoint + songs → ingest → decode → (timed encoders) → encode every stream into the cache;
     then the cache's size, the loader's speed, one batch's shapes and the FLOP ratios."""
@@ -397,14 +408,12 @@ def _child_prepare(spec: dict) -> dict:
         encoder = StreamEncoder(stream, project.models, project.encode)
         load_s = time.perf_counter() - tic
         if stream == "text":
-            run = lambda: [encoder.text(t["id"], t["tags"], t.get("recaption") or {}, t["lyrics"]) for t in texts]  # noqa: E731
-            run()  # warm-up
+            _encode_songs(encoder, texts, wavs)  # warm-up
         else:
             encoder.audio(wavs[0][:, :48000 * 3])  # warm-up on 3 s
-            run = lambda: [encoder.audio(w) for w in wavs]  # noqa: E731
         sync()
         tic = time.perf_counter()
-        run()
+        _encode_songs(encoder, texts, wavs)
         sync()
         encode_s = time.perf_counter() - tic
         params = _param_bytes(encoder.model)
