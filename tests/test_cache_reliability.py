@@ -30,6 +30,7 @@ from cache.shards import CacheIndex, CacheLocation, ShardWriter, cleanup_temp, l
 from pipeline import locks as locks_mod
 from pipeline.errors import AceTurboError, CacheError, CheckpointError, DiskFullError
 from tests.conftest import REPO
+from tests.test_cache_pipeline import demo_root  # noqa: F401 (fixture)
 from tests.test_cache_shards import make_song
 
 
@@ -262,15 +263,6 @@ def test_a_temp_store_deleted_under_a_writer_is_one_line(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # The encode step: locked, repairs what it trusted, cleans leftovers on every run.
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    from pipeline.tiny.demo import build_demo_checkpoint
-
-    root = tmp_path_factory.mktemp("demo-models")
-    build_demo_checkpoint(root, ["[verse]\nhello world\n[chorus]\nsing it loud\n"])
-    return root
 
 
 @pytest.fixture
