@@ -131,16 +131,18 @@ class StreamLock:
         line = None
         if owner is not None:
             if owner.alive(previous.get("heartbeat")):
-                raise refusal(self.what, owner, _HINT, self.location.url_of(self.stream, self.name),
-                              STALE_AFTER_S, CacheError)
+                raise self._refusal(owner)
             self.took_over, line = owner, takeover_line(self.what, owner, previous.get("heartbeat"))
         self._owner = Owner.me()
         self._write_object()
         winner = self._read_object() or {}
         if winner.get("nonce") != self._nonce:  # another writer wrote after us: it has the lock
-            raise refusal(self.what, Owner.from_record(winner), _HINT, self.location.url_of(self.stream, self.name),
-                          STALE_AFTER_S, CacheError)
+            raise self._refusal(Owner.from_record(winner))
         return line
+
+    def _refusal(self, owner: Owner | None) -> CacheError:
+        return refusal(self.what, owner, _HINT, self.location.url_of(self.stream, self.name), STALE_AFTER_S,
+                       CacheError)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
