@@ -364,6 +364,17 @@ def _build_inputs(spec: dict) -> float | None:
     return None if done else time.perf_counter() - tic
 
 
+def _encode_songs(encoder, texts: list[dict], wavs: list) -> None:
+    """One pass of a StreamEncoder over the bench's songs: their prompts and lyrics for the text
+    stream, their audio for the others."""
+    if encoder.stream == "text":
+        for t in texts:
+            encoder.text(t["id"], t["tags"], t.get("recaption") or {}, t["lyrics"])
+    else:
+        for wav in wavs:
+            encoder.audio(wav)
+
+
 def _child_prepare(spec: dict) -> dict:
     """checkpoint + songs → ingest → decode → (timed encoders) → encode every stream into the cache;
     then the cache's size, the loader's speed, one batch's shapes and the FLOP ratios."""
@@ -397,14 +408,12 @@ def _child_prepare(spec: dict) -> dict:
         encoder = StreamEncoder(stream, project.models, project.encode)
         load_s = time.perf_counter() - tic
         if stream == "text":
-            run = lambda: [encoder.text(t["id"], t["tags"], t.get("recaption") or {}, t["lyrics"]) for t in texts]  # noqa: E731
-            run()  # warm-up
+            _encode_songs(encoder, texts, wavs)  # warm-up
         else:
             encoder.audio(wavs[0][:, :48000 * 3])  # warm-up on 3 s
-            run = lambda: [encoder.audio(w) for w in wavs]  # noqa: E731
         sync()
         tic = time.perf_counter()
-        run()
+        _encode_songs(encoder, texts, wavs)
         sync()
         encode_s = time.perf_counter() - tic
         params = _param_bytes(encoder.model)
@@ -489,13 +498,6 @@ class _Shapes:
         self.inner.load_state_dict(state)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
 def _device_memory(result: dict, prefix: str = "cuda") -> None:
     import torch
 
@@ -512,6 +514,7 @@ def _child_train(spec: dict) -> dict:
     from cache.loader import LoaderSettings, make_loader
     from pipeline.train import PRECISION_DTYPES, batch_to_device, load_transformer_for_training, train
     from pipeline.train_config import from_params
+    from pipeline.train_guard import is_out_of_memory
 
     result: dict[str, Any] = {"mode": spec["mode"], "start": host_memory()}
     mode = spec["mode"]
@@ -555,7 +558,7 @@ def _child_train(spec: dict) -> dict:
         result["encoders_param_bytes"] = encoders_bytes
         summary = train(config, transformer, _Shapes(batches, shapes), run_dir)
     except Exception as exc:  # a measurement: "does not fit" is a result, reported in one line
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         result.update(error="out_of_memory", message=str(exc).strip().splitlines()[0][:300], shapes=shapes,
                       **_training_memory(result))

@@ -6,8 +6,9 @@
 - ``none``: every block keeps its activations (fastest; ~0.7 GiB per block at a 3-minute song),
 - ``k`` (an integer ≥ 2): every k-th block recomputes (blocks 0, k, 2k, ...),
 - ``auto`` (default): the fewest recomputing blocks whose activations fit the device's free memory,
-  estimated from the saved activations of one forward pass traced on ``meta`` tensors (no memory,
-  no compute) at the longest batch the run can see.
+  estimated from what each block keeps alive in one forward pass traced on ``meta`` tensors under
+  pipeline.memory_meter's TensorMemoryMeter (no memory, no compute) at the longest batch the run
+  can see.
 
 The old boolean spelling still works: true = all, false = none.
 """
@@ -48,7 +49,7 @@ def apply(model, setting: str, blocks: list[int]) -> None:
 class ActivationEstimate:
     """Bytes autograd keeps for backward in one training forward pass, without checkpointing."""
 
-    per_block: int  # the largest of the DiT blocks
+    per_block: int  # the largest of the DiT blocks (what it keeps alive, its output included)
     block_input: int  # what a recomputing block keeps instead: its input hidden states
     other: int  # everything outside the blocks (embeddings, lyric encoder, final layer, SSL heads)
     num_blocks: int
@@ -63,9 +64,14 @@ class ActivationEstimate:
 
 
 def estimate_activations(model, tokens: int, text_tokens: int, lyric_tokens: int, batch: int = 1) -> ActivationEstimate:
-    """Trace one forward of ``model`` (its LoRA included) on ``meta`` tensors of these sizes and add
-    up, per DiT block, the tensors autograd saves for backward. Costs no device memory; a few
-    seconds of CPU at full size."""
+    """Trace one forward of ``model`` (its LoRA included) on ``meta`` tensors of these sizes under
+    pipeline.memory_meter's TensorMemoryMeter, and read at each DiT block's end what it left alive:
+    the tensors autograd keeps for its backward and its output (the next block's input). Forward
+    only, without the weights: the per-block split that ``auto`` needs; count_step_memory runs the
+    whole step under the same meter for its peak. Costs no device memory; a few seconds of CPU at
+    full size."""
+    from pipeline.memory_meter import TensorMemoryMeter, fused_attention_on_meta
+
     config = model.config
     dtype = next(model.parameters()).dtype
     meta = torch.device("meta")
@@ -86,34 +92,28 @@ def estimate_activations(model, tokens: int, text_tokens: int, lyric_tokens: int
         timestep=torch.empty(batch, device=meta),
         ssl_hidden_states=ssl,
     )
-    saved: dict[object, int] = {}
-    owner: list[object] = ["other"]
-    # On meta, softmax attention takes PyTorch's math path, which keeps the latent × conditioning
-    # probabilities; the CUDA flash / memory-efficient kernels keep only a log-sum-exp per row.
-    probabilities = (tokens, 1 + text_tokens + lyric_tokens)
-
-    def pack(t: torch.Tensor):
-        if t.dim() < 2 or tuple(t.shape[-2:]) != probabilities:
-            saved.setdefault((owner[0], id(t)), t.numel() * t.element_size())
-        return t
-
+    meter = TensorMemoryMeter()
+    meter.add(list(params.values()), inputs)  # there before: a view of a weight (W.t()) is not new memory
+    baseline = meter.live
+    before, by_block = [0], []
     hooks = []
-    for index, block in enumerate(model.transformer_blocks):
-        hooks.append(block.register_forward_pre_hook(lambda m, a, i=index: owner.__setitem__(0, i)))
-        hooks.append(block.register_forward_hook(lambda m, a, o: owner.__setitem__(0, "other")))
+    for block in model.transformer_blocks:
+        hooks.append(block.register_forward_pre_hook(lambda m, a: before.__setitem__(0, meter.live)))
+        hooks.append(block.register_forward_hook(lambda m, a, o: by_block.append(meter.live - before[0])))
     previous = model.checkpointed_blocks, model.lyric_encoder.gradient_checkpointing
     model.set_checkpointed_blocks([], lyric_encoder=True)  # what auto runs with: see apply()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.func.functional_call(model, params, (), inputs)
+        # the fused attention kernels' memory (the CUDA ones keep no attention probabilities)
+        with fused_attention_on_meta(), meter:
+            output = torch.func.functional_call(model, params, (), inputs)
+            alive = meter.live  # everything kept for backward, while the output holds the graph
+        del output
     finally:
         for hook in hooks:
             hook.remove()
         model.set_checkpointed_blocks(*previous)
-    by_block = [sum(v for (who, _), v in saved.items() if who == i) for i in range(len(model.transformer_blocks))]
-    other = sum(v for (who, _), v in saved.items() if who == "other")
     return ActivationEstimate(per_block=max(by_block), block_input=batch * tokens * width * dtype.itemsize,
-                              other=other, num_blocks=len(by_block))
+                              other=alive - baseline - sum(by_block), num_blocks=len(by_block))
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:

@@ -45,11 +45,19 @@ def require_model_dir(path: str | Path, files: tuple[str, ...], what: str, hint_
             f"{what} at '{path}' is incomplete: missing {', '.join(missing)}. "
             f"Re-download {hint} into that folder."
         )
+    return check_weight_files(path, what, hint_key)
+
+
+def check_weight_files(path: str | Path, what: str, hint_key: str) -> Path:
+    """Raise a CheckpointError naming the first weight file of the folder ``path`` that is truncated
+    or corrupt (``weight_file_problem``), before any loader meets it; return ``path``."""
+    path = Path(path)
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         problem = weight_file_problem(weights)
         if problem:
-            raise CheckpointError(f"{what}: weight file '{weights}' is {problem}. Re-download {hint} into "
-                                  f"'{path}' (a download or copy was probably cut short).")
+            raise CheckpointError(f"{what}: weight file '{weights}' is {problem}. Re-download "
+                                  f"{DOWNLOAD_HINTS.get(hint_key, hint_key)} into '{path}' (a download or copy "
+                                  "was probably cut short).")
     return path
 
 
@@ -162,30 +170,3 @@ def lyric_embedding_rows(transformer_dir: str | Path) -> int | None:
     except (OSError, ValueError):
         return None
     return int(config.get("lyric_encoder_vocab_size", 6693))  # 6693: the released model (spec §1.1)
-
-
-def verify_safetensors(path: str | Path, hint_key: str = "acestep") -> Path:
-    """Check, from its header alone, that a .safetensors file is whole: a readable header whose
-    tensors end exactly at the file's end. CheckpointError naming the file when it is truncated or
-    not a safetensors file (an interrupted download or copy), instead of the loader's error chain
-    after minutes of loading."""
-    import json
-    import struct
-
-    path = Path(path)
-    hint = DOWNLOAD_HINTS.get(hint_key, hint_key)
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > min(size - 8, 100_000_000):
-                raise ValueError
-            header = json.loads(f.read(header_len))
-        end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
-    except (struct.error, ValueError, TypeError, KeyError, IndexError):
-        raise CheckpointError(f"{path} is not a readable safetensors file (damaged or an interrupted download); "
-                              f"re-download {hint}.") from None
-    if 8 + header_len + end != size:
-        raise CheckpointError(f"{path} is truncated or damaged ({size} bytes, its header says "
-                              f"{8 + header_len + end}); re-download {hint}.")
-    return path

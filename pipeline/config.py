@@ -11,12 +11,15 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipeline.checkpoints import CheckpointPaths
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a dtype is resolved: reading params.yaml needs none
+    import torch
 
 DEFAULT_PARAMS = Path("params.yaml")
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")

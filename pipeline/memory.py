@@ -274,9 +274,11 @@ def memory_table(config: dict, ranks=(16, 64, 256), seconds=(60, 180, 240), prec
     return rows
 
 
-def out_of_memory_advice(estimate: MemoryEstimate, setting_names: dict[str, str] | None = None) -> str:
+def out_of_memory_advice(estimate: MemoryEstimate, setting_names: dict[str, str] | None = None,
+                         fitting_rank: int | None = None) -> str:
     """What to lower, first what saves most: checkpointing when off, then the window, then the rank.
-    ``setting_names`` maps rank/seconds/checkpointing to how the caller spells them (CLI flags)."""
+    ``setting_names`` maps rank/seconds/checkpointing to how the caller spells them (CLI flags);
+    ``fitting_rank``: the largest rank that fits with the other settings unchanged, when known."""
     names = {"rank": "rank", "seconds": "max_seconds", "checkpointing": "gradient_checkpointing: true",
              "precision": "precision", **(setting_names or {})}
     fixes = []
@@ -284,7 +286,8 @@ def out_of_memory_advice(estimate: MemoryEstimate, setting_names: dict[str, str]
         fixes.append(f"recompute every block ({names['checkpointing']})")
     if estimate.precision != "bf16-true":
         fixes.append(f"use {names['precision']} bf16-true")
-    fixes += [f"lower {names['seconds']}", f"lower {names['rank']} (now {estimate.rank})"]
+    rank = f" to {fitting_rank} or less" if fitting_rank else ""
+    fixes += [f"lower {names['seconds']}", f"lower {names['rank']}{rank} (now {estimate.rank})"]
     return ", or ".join(fixes)
 
 

@@ -6,6 +6,8 @@ tensors (no data, no compute) it counts sizes no machine here could hold, which 
 step is counted on a CPU. ``count_step_memory`` runs pipeline.train's own ``train_step`` on the model
 from ``load_transformer_for_training`` under the meter; ``check_against_meter`` puts the memory
 model (pipeline.memory) next to it (tests/test_memory.py, ``aceturbo bench --memory-check``).
+gradient_checkpointing=auto uses the same meter on a forward pass alone, read at each block's end
+(pipeline.checkpointing.estimate_activations).
 """
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 
 ``preflight`` checks, before a run folder is touched, what can be known without training: the
 transformer's files are whole (from the safetensors headers), every LoRA target names layers of
-this transformer (on a weightless "meta" copy of the model: no memory, a fraction of a second), the
-weights and a LoRA of this rank with its optimizer state can fit in the device's free memory, and
-the training window holds at least one latent patch. ``explain_failures``
-turns running out of memory or disk during a run into one line that says what to lower or free and
-which checkpoint is intact.
+this transformer (on a weightless "meta" copy of the model: no memory, a fraction of a second), a
+step of these settings fits in the device's free memory by the memory model (pipeline.memory), and
+the training window holds at least one latent patch. ``explain_failures`` turns running out of
+memory or disk during a run into one line that says what to lower or free and which checkpoint is
+intact.
 
     preflight(config, transformer_dir)
     with explain_failures(config, run_dir, "training"):
@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.checkpoints import verify_safetensors
+from pipeline.checkpoints import check_weight_files
 from pipeline.errors import CheckpointError, ConfigError, DiskFullError, MemoryLimitError
 from pipeline.fileio import free_bytes, is_disk_full
 from pipeline.train_config import TrainConfig
@@ -35,13 +35,12 @@ def preflight(config: TrainConfig, transformer_dir: str | Path, device: torch.de
     aside, or after minutes of loading)."""
     folder = Path(transformer_dir)
     model_config = transformer_config(folder)
-    for weights in sorted(folder.glob("*.safetensors")):
-        verify_safetensors(weights, "acestep")
+    check_weight_files(folder, "ACE-Step transformer", "acestep")
     check_window(config, model_config)
     model = meta_transformer(model_config)
     layers = lora_target_layers(model, config.target_modules)
     check_lora_targets(config, layers)
-    check_memory(config, layers, sum(p.numel() for p in model.parameters()), device)
+    check_memory(config, model_config, device)
 
 
 def transformer_config(folder: Path) -> dict:
@@ -103,25 +102,40 @@ def check_lora_targets(config: TrainConfig, layers: dict[str, list[tuple[str, to
                       "the extra rank trains nothing and costs memory.", stacklevel=2)
 
 
-def check_memory(config: TrainConfig, layers: dict[str, list[tuple[str, torch.nn.Module]]], model_params: int,
-                 device: torch.device, free: int | None = None) -> None:
-    """Refuse a rank whose LoRA cannot fit, before anything is allocated: the transformer's weights
-    plus the LoRA with its gradient and two AdamW moments, in the training precision, against the
-    memory free on the device (a lower bound: activations come on top). ``free`` for tests."""
-    size = 2 if config.precision == "bf16-true" else 4
-    widths = sum(m.in_features + m.out_features for found in layers.values() for _, m in found
-                 if isinstance(m, torch.nn.Linear))
-    per_rank = 4 * widths * size  # weight, gradient, exp_avg, exp_avg_sq
-    model = model_params * size
+def check_memory(config: TrainConfig, model_config: dict, device: torch.device, free: int | None = None) -> None:
+    """Refuse settings whose training step cannot fit, before anything is allocated: the memory
+    model's estimate (pipeline.memory.estimate_training_memory, which the bench also checks up
+    front) of the weights as training loads them, the LoRA with its gradients and AdamW moments, the
+    batch and the activations at this rank, max_seconds, batch_size, precision and checkpointing,
+    against the memory free on the device now (on a GPU the CUDA context is already taken from it).
+    ``free`` for tests."""
+    from pipeline.memory import GiB, estimate_training_memory, out_of_memory_advice
+
     free = _free_memory(device) if free is None else free
-    if free is None or not per_rank or model + config.rank * per_rank <= free:
+    if free is None:
         return
-    fits = (free - model) // per_rank
-    hint = f"use rank ≤ {fits}" if fits >= 1 else "the transformer alone does not fit: use precision bf16-true or a larger device"
+
+    def estimate(rank: int):
+        return estimate_training_memory(model_config, config.max_seconds, rank=rank, precision=config.precision,
+                                        gradient_checkpointing=config.gradient_checkpointing,
+                                        batch=config.batch_size, targets=config.target_modules)
+
+    needed = estimate(config.rank)
+    if needed.total <= free:
+        return
+    low, high = 0, config.rank - 1  # the largest rank that fits with the other settings as they are (0: none)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if estimate(mid).total <= free else (low, mid - 1)
+    if needed.weights >= free:
+        advice = "the transformer alone does not fit: " + (
+            "use a larger device" if config.precision == "bf16-true" else "use precision bf16-true or a larger device")
+    else:
+        advice = out_of_memory_advice(needed, fitting_rank=low or None)
     raise MemoryLimitError(
-        f"train setting 'rank' {config.rank} needs at least {(config.rank * per_rank) / 1e9:.1f} GB for the LoRA, its "
-        f"gradients and AdamW state (+ {model / 1e9:.1f} GB for the transformer) but {device} has "
-        f"{free / 1e9:.1f} GB free; {hint}.")
+        f"train settings 'rank' {config.rank}, 'max_seconds' {config.max_seconds:g} and 'batch_size' "
+        f"{config.batch_size} need about {needed.summary()} for a step, but {device} has {free / GiB:.2f} GiB "
+        f"free; {advice}.")
 
 
 def _free_memory(device: torch.device) -> int | None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 
 from pipeline.errors import ConfigError
-from stages.generate import _defaults, _read_lyrics
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -86,13 +85,14 @@ def cli(run, steps, weights, prompt, lyrics_file, seed, duration, sampling_steps
     from pipeline.config import load_params
     from pipeline.sampling import SamplerSettings
     from pipeline.sampling.compare import INDEX_HTML, compare
+    from pipeline.sampling.generation import default_model_paths, read_lyrics_file
 
     project = load_params(params_path)
     run_dir = run_folder(project, run)
     columns = plan_columns(run_dir, steps)
     weight_list = _floats(weights, "--weights")
-    lyrics = _read_lyrics(lyrics_file)
-    checkpoint, lyric_vocab = _defaults(checkpoint, lyric_vocab, params_path)
+    lyrics = read_lyrics_file(lyrics_file)
+    checkpoint, lyric_vocab = default_model_paths(project.models, checkpoint, lyric_vocab)
     out_dir = Path(out) if out else run_dir / "compare" / f"{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}"
     n = 1 + (len(columns) - 1) * len(weight_list)
     click.echo(f"{n} clips: base model + {', '.join(c.label for c in columns[1:])} × weights "

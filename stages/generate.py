@@ -5,44 +5,7 @@ went.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
-
-from pipeline.errors import ConfigError
-
-
-def _read_lyrics(path: str | None) -> str:
-    if path is None:
-        return ""
-    p = Path(path)
-    try:
-        return p.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"lyrics file '{p}' is not UTF-8 text; save it as UTF-8 and retry") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read lyrics file '{p}' ({exc.strerror}); check the --lyrics path") from None
-
-
-def _defaults(checkpoint: str | None, lyric_vocab: str | None, params_path: str) -> tuple[str, str | None]:
-    """Fill --checkpoint / --lyric-vocab from params.yaml when they are not given."""
-    if checkpoint is not None and lyric_vocab is not None:
-        return checkpoint, lyric_vocab
-    from pipeline.config import load_params
-
-    models = load_params(params_path).models
-    if checkpoint is None:
-        checkpoint = models.acestep
-    if lyric_vocab is None:
-        from pipeline.errors import CheckpointError
-        from pipeline.sampling.generation import find_lyric_vocab
-
-        try:  # one inside or beside the checkpoint wins; else the one params.yaml names
-            find_lyric_vocab(Path(checkpoint), None)
-        except CheckpointError:
-            if Path(models.lyric_vocab).is_file():
-                lyric_vocab = models.lyric_vocab
-    return checkpoint, lyric_vocab
 
 
 @click.command("generate")
@@ -78,14 +41,18 @@ def cli(checkpoint, params_path, lora, lora_weight, prompt, lyrics_file, duratio
         guidance, cfg_type, omega, device, dtype):
     """Generate a song (48 kHz wav + .json of every parameter) with an optional LoRA."""
     from pipeline.sampling import SamplerSettings, generate, params_path as json_path
+    from pipeline.sampling.generation import default_model_paths, read_lyrics_file
 
-    checkpoint, lyric_vocab = _defaults(checkpoint, lyric_vocab, params_path)
+    if checkpoint is None or lyric_vocab is None:  # params.yaml is read only for what is not given
+        from pipeline.config import load_params
+
+        checkpoint, lyric_vocab = default_model_paths(load_params(params_path).models, checkpoint, lyric_vocab)
 
     settings = SamplerSettings(steps=steps, guidance_scale=guidance, cfg_type=cfg_type, omega=omega)
     wav = generate(
         checkpoint_root=checkpoint,
         prompt=prompt,
-        lyrics=_read_lyrics(lyrics_file),
+        lyrics=read_lyrics_file(lyrics_file),
         duration=duration,
         steps=steps,
         seed=seed,

@@ -180,8 +180,7 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     with hold_run_lock(run_dir, rank, device) as lock:
         if lock is not None:
             if lock.took_over:
-                click.echo(f"note: took over the lock of experiment '{config.run_name}' from "
-                           f"{lock.took_over.describe()}, which is no longer running.", err=True)
+                click.echo(f"note: {lock.took_over_line}.", err=True)
             for note in clean_leftovers(run_dir):
                 click.echo(f"note: {run_dir.name}: {note}", err=True)
         distributed.barrier()  # leftovers are cleared before any rank reads the folder
@@ -316,15 +315,9 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     ``<experiment>.previous-<time>``. So `dvc repro` can retrain after a data or settings change
     (dvc.yaml keeps the run folder: persist), and no earlier run is ever lost to a repeated command
     (delete old ones yourself when you no longer want them)."""
-    import time
-
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return None
-    previous = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while previous.exists():
-        n += 1
-        previous = previous.with_name(f"{previous.name.split('~')[0]}~{n}")
+    previous = _beside(run_dir, "previous")
     run_dir.replace(previous)
     click.echo(f"note: a new run of '{run_dir.name}': the previous one moved to {previous} "
                "(use --resume latest to continue a run instead).")
@@ -335,24 +328,30 @@ def put_back_previous(run_dir: Path, previous: Path) -> None:
     """A new run that stopped before its first checkpoint gives the experiment name back to the run
     it had set aside (so `--resume latest` continues that one); the failed start's folder is kept
     beside it as ``<experiment>.failed-<time>`` (its log and metrics say what went wrong)."""
-    import time
-
     from pipeline.train_state import latest_checkpoint
 
     if latest_checkpoint(run_dir) is not None or not previous.is_dir():
         return
     failed = None
     if run_dir.exists():
-        failed = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
-        while failed.exists():
-            n += 1
-            failed = failed.with_name(f"{failed.name.split('~')[0]}~{n}")
+        failed = _beside(run_dir, "failed")
         run_dir.replace(failed)
     previous.replace(run_dir)
     kept = f"; this start's files are in {failed}" if failed else ""
     click.echo(f"note: the run stopped before its first checkpoint: the previous run is back in {run_dir}{kept}.",
                err=True)
+
+
+def _beside(run_dir: Path, what: str) -> Path:
+    """A free name beside the run folder: ``<experiment>.<what>-<time>``, then ``~2``, ``~3``, ..."""
+    import time
+
+    name = f"{run_dir.name}.{what}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = run_dir.with_name(name), 1
+    while path.exists():
+        n += 1
+        path = run_dir.with_name(f"{name}~{n}")
+    return path
 
 
 def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: str | None, device, rank):

@@ -27,8 +27,10 @@ from cache import lock as lock_mod
 from cache import shards as shards_mod
 from cache.lock import HOST, StreamLock
 from cache.shards import CacheIndex, CacheLocation, ShardWriter, cleanup_temp, lock_stream, write_shard
+from pipeline import locks as locks_mod
 from pipeline.errors import AceTurboError, CacheError, CheckpointError, DiskFullError
 from tests.conftest import REPO
+from tests.test_cache_pipeline import demo_root  # noqa: F401 (fixture)
 from tests.test_cache_shards import make_song
 
 
@@ -86,7 +88,7 @@ def test_second_writer_is_refused_and_never_touches_the_first_ones_store(tmp_pat
         with pytest.raises(CacheError) as refused:
             ShardWriter(tmp_path, "text", "fp")
         message = str(refused.value)
-        assert f"pid {first.pid} on {HOST}" in message and "being written" in message and "\n" not in message
+        assert f"pid {first.pid} on host {HOST}" in message and "is in use by" in message and "\n" not in message
         assert [p.name for p in stream.iterdir() if p.name.startswith(".tmp-")] == temps
         first.stdin.write("\n")
         first.stdin.flush()
@@ -118,14 +120,14 @@ def test_locks_per_worker_slot_and_object_stores(tmp_path):
     with lock_stream(tmp_path, "mert", (0, 2)), lock_stream(tmp_path, "mert", (1, 2)):
         pass  # parallel encode workers write one stream together
     with lock_stream(tmp_path, "mert", (0, 2)):
-        with pytest.raises(CacheError, match=f"pid {os.getpid()} on {HOST}"):
+        with pytest.raises(CacheError, match=f"pid {os.getpid()} on host {HOST}"):
             lock_stream(tmp_path, "mert").acquire()  # a single writer is slot 0
         with lock_stream(tmp_path, "text"):  # other streams are independent
             pass
     assert (tmp_path / "mert" / ".lock-0").read_bytes() == b""  # released
     url = f"memory://locks-{os.getpid()}"
     with lock_stream(url, "mert"):
-        with pytest.raises(CacheError, match="being written"):
+        with pytest.raises(CacheError, match="is in use by"):
             lock_stream(url, "mert").acquire()
     with lock_stream(url, "mert"):
         pass
@@ -153,7 +155,7 @@ def test_a_lock_caught_between_truncate_and_close(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     fd = holder_with_no_line()
-    monkeypatch.setattr(lock_mod, "SETTLE_S", 0.01)
+    monkeypatch.setattr(locks_mod, "SETTLE_S", 0.01)
     try:
         with pytest.raises(CacheError) as caught:  # still no owner line: a line that says what is going on
             lock_stream(tmp_path, "mert").acquire()
@@ -194,18 +196,18 @@ def test_stale_locks_are_taken_over_with_a_message(tmp_path):
     location = CacheLocation(tmp_path)
     with StreamLock(location, "mert", note=notes.append):
         pass
-    assert len(notes) == 1 and f"pid {holder.pid} on {HOST}" in notes[0] and "is gone" in notes[0]
+    assert len(notes) == 1 and f"pid {holder.pid} on host {HOST}" in notes[0] and "no longer running" in notes[0]
 
     # another machine's lock: held while its heartbeat is fresh, taken over once it is stale
     lock_file = tmp_path / "mert" / ".lock-0"
     lock_file.write_text(json.dumps({"pid": 4242, "host": "other-machine", "started": "yesterday"}))
-    with pytest.raises(CacheError, match="pid 4242 on other-machine.*taken over after 15 minutes"):
+    with pytest.raises(CacheError, match="pid 4242 on host other-machine.*taken over after 15 minutes"):
         StreamLock(location, "mert", note=notes.append).acquire()
     old = time.time() - lock_mod.STALE_AFTER_S - 60
     os.utime(lock_file, (old, old))
     with StreamLock(location, "mert", note=notes.append):
         pass
-    assert "pid 4242 on other-machine" in notes[-1] and "no heartbeat for 16 minutes" in notes[-1]
+    assert "pid 4242 on host other-machine" in notes[-1] and "no heartbeat for 16 minutes" in notes[-1]
 
 
 def test_cleanup_deletes_only_stores_of_writers_that_are_gone(tmp_path):
@@ -263,15 +265,6 @@ def test_a_temp_store_deleted_under_a_writer_is_one_line(tmp_path, monkeypatch):
 # The encode step: locked, repairs what it trusted, cleans leftovers on every run.
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    from pipeline.tiny.demo import build_demo_checkpoint
-
-    root = tmp_path_factory.mktemp("demo-models")
-    build_demo_checkpoint(root, ["[verse]\nhello world\n[chorus]\nsing it loud\n"])
-    return root
-
-
 @pytest.fixture
 def text_project(tmp_path, demo_root):
     """A project with three songs, ingested (the text stream needs no decoding)."""
@@ -296,7 +289,7 @@ def test_encode_is_refused_while_the_stream_is_locked_and_cleans_leftovers(text_
 
     features = Path(text_project.paths.features)
     with lock_stream(features, "text"):
-        with pytest.raises(CacheError, match=f"text features in .* are being written by pid {os.getpid()}"):
+        with pytest.raises(CacheError, match=f"feature stream 'text' .* is in use by pid {os.getpid()}"):
             encode_stream(text_project, "text", progress=False)
     assert encode_stream(text_project, "text", progress=False).encoded == 3
     leftovers = [features / "text" / f".tmp-shard-w0-{dead_pid()}@{HOST}-0badc0de.zarr",

@@ -14,26 +14,12 @@ from pipeline.errors import CheckpointError
 from pipeline.memory_meter import TensorMemoryMeter, check_against_meter, count_step_memory, synthetic_batch
 from pipeline.train import UNUSED_IN_TRAINING, compute_loss, load_transformer_for_training
 from pipeline.train_config import from_params
+from test_train import one_thread, tiny_transformer_dir  # noqa: F401 (fixtures)
 
 # The model is a sum of counted terms; what it leaves out (small temporaries, the lyric encoder's
 # linear terms, allocator-free transients) is a few percent at every size we measured. Stated here:
 TINY_TOLERANCE = 0.12  # tiny model: megabytes, where fixed-size leftovers weigh most
 SMALL_TOLERANCE = 0.06
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from pipeline.tiny.transformer import save_tiny_transformer
-
-    return save_tiny_transformer(tmp_path_factory.mktemp("tiny") / "ace_step_transformer", seed=0)
 
 
 def _config(**changes):
@@ -76,11 +62,11 @@ def test_full_size_estimate_and_what_fits_12_gib():
 
 
 @pytest.mark.parametrize("precision,checkpointing", [("fp32", "all"), ("fp32", "none"), ("bf16-true", "all")])
-def test_model_matches_the_meter_on_the_tiny_model(tiny_dir, precision, checkpointing):
+def test_model_matches_the_meter_on_the_tiny_model(tiny_transformer_dir, precision, checkpointing):
     """Real CPU tensors: the product's train_step under the meter vs the model, within TINY_TOLERANCE."""
-    config = json.loads((tiny_dir / "config.json").read_text())
+    config = json.loads((tiny_transformer_dir / "config.json").read_text())
     train = _config(precision=precision, gradient_checkpointing=checkpointing == "all")
-    counted = count_step_memory(tiny_dir, train, synthetic_batch(config, 30, lyric_tokens=200), "cpu")
+    counted = count_step_memory(tiny_transformer_dir, train, synthetic_batch(config, 30, lyric_tokens=200), "cpu")
     est = memory.estimate_training_memory(config, tokens=counted["tokens"], rank=train.rank, precision=precision,
                                           gradient_checkpointing=checkpointing, lyric_tokens=200,
                                           ssl_frames=counted["ssl_frames"])
@@ -136,14 +122,14 @@ def _batch(config):
     return synthetic_batch(config, 4, text_tokens=5, lyric_tokens=7)
 
 
-def test_the_step_never_touches_the_add_projections(tiny_dir):
+def test_the_step_never_touches_the_add_projections(tiny_transformer_dir):
     """Forward + backward of the full model: the only parameters no operator receives are the
     cross-attention add_* projections, exactly what skip_unused leaves out."""
     from pipeline.objective import training_sigmas
 
-    config = json.loads((tiny_dir / "config.json").read_text())
+    config = json.loads((tiny_transformer_dir / "config.json").read_text())
     train = _config(gradient_checkpointing=False)
-    model = load_transformer_for_training(tiny_dir, train, "cpu", skip_unused=False)
+    model = load_transformer_for_training(tiny_transformer_dir, train, "cpu", skip_unused=False)
     with _Touched() as touched:
         loss, _ = compute_loss(model, _batch(config), torch.Generator().manual_seed(0), training_sigmas(), train,
                                torch.device("cpu"), torch.float32)
@@ -154,15 +140,15 @@ def test_the_step_never_touches_the_add_projections(tiny_dir):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-true"])
-def test_skip_unused_gives_identical_loss_and_gradients(tiny_dir, precision):
+def test_skip_unused_gives_identical_loss_and_gradients(tiny_transformer_dir, precision):
     from pipeline.objective import training_sigmas
 
-    config = json.loads((tiny_dir / "config.json").read_text())
+    config = json.loads((tiny_transformer_dir / "config.json").read_text())
     train = _config(precision=precision)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     results = []
     for skip in (True, False):
-        model = load_transformer_for_training(tiny_dir, train, "cpu", skip_unused=skip)
+        model = load_transformer_for_training(tiny_transformer_dir, train, "cpu", skip_unused=skip)
         loss, parts = compute_loss(model, _batch(config), torch.Generator().manual_seed(5), training_sigmas(), train,
                                    torch.device("cpu"), dtype)
         loss.backward()
@@ -175,42 +161,42 @@ def test_skip_unused_gives_identical_loss_and_gradients(tiny_dir, precision):
     assert dropped and all(n.split(".")[-2] in UNUSED_IN_TRAINING for n in dropped)
 
 
-def test_meta_load_reads_no_weights(tmp_path, tiny_dir):
-    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())  # no weights file at all
+def test_meta_load_reads_no_weights(tmp_path, tiny_transformer_dir):
+    (tmp_path / "config.json").write_text((tiny_transformer_dir / "config.json").read_text())  # no weights file at all
     model = load_transformer_for_training(tmp_path, _config(precision="bf16-true"), "meta")
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_missing_weights_are_one_line_errors(tmp_path, tiny_dir):
+def test_missing_weights_are_one_line_errors(tmp_path, tiny_transformer_dir):
     from safetensors.torch import load_file, save_file
 
     from pipeline.models.transformer import WEIGHTS_NAME
 
     folder = tmp_path / "ace_step_transformer"
     folder.mkdir()
-    (folder / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (folder / "config.json").write_text((tiny_transformer_dir / "config.json").read_text())
     with pytest.raises(CheckpointError, match="are missing"):
         load_transformer_for_training(folder, _config(), "cpu")
-    state = load_file(str(tiny_dir / WEIGHTS_NAME))
+    state = load_file(str(tiny_transformer_dir / WEIGHTS_NAME))
     state.pop("proj_in.early_conv_layers.0.weight")
     save_file(state, str(folder / WEIGHTS_NAME))
     with pytest.raises(CheckpointError, match="lack 1 tensor"):
         load_transformer_for_training(folder, _config(), "cpu")
 
 
-def test_loaded_weights_are_the_process_own_memory(tiny_dir):
+def test_loaded_weights_are_the_process_own_memory(tiny_transformer_dir):
     """Read with pread: no parameter aliases a memory-mapped file (whose pages the kernel may drop
     and re-read, which made peak RSS depend on the machine's load)."""
     from pathlib import Path
 
-    model = load_transformer_for_training(tiny_dir, _config(), "cpu")
+    model = load_transformer_for_training(tiny_transformer_dir, _config(), "cpu")
     mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in
               Path("/proc/self/maps").read_text().splitlines() if ".safetensors" in line]
     assert not any(a <= p.data_ptr() < b for p in model.parameters() for a, b in mapped)
 
 
-def test_sharded_checkpoint_loads_the_same(tmp_path, monkeypatch, tiny_dir):
+def test_sharded_checkpoint_loads_the_same(tmp_path, monkeypatch, tiny_transformer_dir):
     """The bench writes big transformers in shards (one shard in memory at a time); both load paths
     read them, to the same values as a single file."""
     import pipeline.tiny.small as small

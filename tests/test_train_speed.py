@@ -11,17 +11,10 @@ from pipeline.errors import ConfigError
 from pipeline.objective import training_sigmas
 from pipeline.train import compute_loss, load_transformer_for_training
 from pipeline.train_config import TrainConfig, from_params
+from test_train import one_thread  # noqa: F401 (fixture: tiny ops on 2 busy cores)
 
 TEXT_DIM, MERT_DIM, MHUBERT_DIM, VOCAB, SPEAKER_DIM = 12, 24, 20, 40, 8
 LAYERS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,35 @@ def find_lyric_vocab(checkpoint_root: Path, lyric_vocab: str | Path | None) -> P
     )
 
 
+def default_model_paths(models, checkpoint: str | None, lyric_vocab: str | None) -> tuple[str, str | None]:
+    """The checkpoint root and lyric vocabulary a command uses: the ones given, else the project's
+    ``models`` settings (pipeline.config.ModelsConfig). The vocabulary stays None when one lies
+    inside or beside the checkpoint (find_lyric_vocab finds it there: it wins) or models names none
+    that exists."""
+    if checkpoint is None:
+        checkpoint = models.acestep
+    if lyric_vocab is None:
+        try:
+            find_lyric_vocab(Path(checkpoint), None)
+        except CheckpointError:
+            if Path(models.lyric_vocab).is_file():
+                lyric_vocab = models.lyric_vocab
+    return checkpoint, lyric_vocab
+
+
+def read_lyrics_file(path: str | Path | None) -> str:
+    """The lyrics in a UTF-8 text file (--lyrics); "" without one (an instrumental)."""
+    if path is None:
+        return ""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"lyrics file '{p}' is not UTF-8 text; save it as UTF-8 and retry") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read lyrics file '{p}' ({exc.strerror}); check the --lyrics path") from None
+
+
 def tokenize_lyrics(tokenizer, lyrics: str) -> tuple[list[int], list[int]]:
     """Lyric ids and mask; empty lyrics are [0] with mask [0] as in the reference pipeline."""
     if hasattr(tokenizer, "ids_and_mask"):

@@ -14,7 +14,6 @@ are encoded as English so "[chorus]" hits its single structure token.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

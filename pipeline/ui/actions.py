@@ -36,7 +36,7 @@ from pipeline.dataset import (
     scan_dataset,
     write_text_atomic,
 )
-from pipeline.errors import AceTurboError, ConfigError, DatasetError
+from pipeline.errors import AceTurboError, DatasetError
 from pipeline.fileio import atomic_output
 
 PARAMS = "params.yaml"
