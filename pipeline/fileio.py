@@ -135,7 +135,8 @@ _WRITER_FAILURE_TEXT = ("inline_container.cc", "PytorchStreamWriter", "iostream 
 _NEARLY_FULL = 1 << 20  # 1 MiB: less than that free after a failed write counts as full
 
 
-def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, innermost last."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -158,12 +159,12 @@ def is_disk_full(exc: BaseException, path: str | Path | None = None, needed_byte
     """True for an out-of-space / out-of-quota error anywhere in the exception's chain. With
     ``path`` (what was being written) a writer failure that carries no errno (torch.save) counts
     too when the disk there has less than ``needed_bytes`` (default 1 MiB) left."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             return True
         if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
             return True
-    if path is not None and any(t in str(e) for e in _chain(exc) for t in _WRITER_FAILURE_TEXT):
+    if path is not None and any(t in str(e) for e in exception_chain(exc) for t in _WRITER_FAILURE_TEXT):
         free = free_bytes(path)
         return free is not None and free < max(needed_bytes or 0, _NEARLY_FULL)
     return False

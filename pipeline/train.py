@@ -29,7 +29,7 @@ import torch
 from cache.collate import bucket_batch
 from pipeline import checkpointing, distributed
 from pipeline.errors import AceTurboError, CacheError, CheckpointError, ConfigError
-from pipeline.fileio import write_text_atomic
+from pipeline.fileio import exception_chain, write_text_atomic
 from pipeline.metrics import MetricsLogger, read_metrics, truncate_metrics
 from pipeline.objective import cfg_dropout, denoise_loss, noisy_latents, sample_sigmas, total_loss, training_sigmas
 from pipeline.train_config import TrainConfig
@@ -122,7 +122,9 @@ def configure_step(model, config: TrainConfig, device: torch.device) -> None:
 
 
 # One compile per shape bucket (cache.collate.bucket_batch): a run over songs of all lengths sees a
-# few dozen at most; torch's default limit (8) would fall back to eager for the rest.
+# few dozen at most. Past the limit a fullgraph=True compile does not fall back to eager: Dynamo
+# raises FailOnRecompileLimitHit, which the loop turns into one line (_recompile_limit_error).
+# torch's default limit (8) would stop a run over many song and lyric lengths.
 RECOMPILE_LIMIT = 64
 
 
@@ -141,6 +143,30 @@ def compile_blocks(model, backend: str | Callable = "inductor") -> None:
 
 def _input_needs_grad(module, args, output: torch.Tensor):
     return output.detach().requires_grad_() if torch.is_grad_enabled() and not output.requires_grad else None
+
+
+def _eager():
+    """Run compiled blocks eagerly within: validation and previews see shapes (unbucketed, eval mode,
+    no grad) that the training step never does; compiled, each would cost a compile and count
+    towards the recompile limit."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def _recompile_limit_error(exc: BaseException, step: int, last_good: Path | None) -> ConfigError | None:
+    """The one-line error for Dynamo's FailOnRecompileLimitHit anywhere in ``exc``'s chain (the
+    compiled block met more shapes than torch's recompile limit allows), else None. Only for a
+    compiled model (compile_blocks has imported Dynamo)."""
+    import torch._dynamo
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    if not any(isinstance(e, FailOnRecompileLimitHit) for e in exception_chain(exc)):
+        return None
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+    return ConfigError(
+        f"compile: the compiled DiT block reached torch's recompile limit "
+        f"({torch._dynamo.config.recompile_limit} shapes) at step {step + 1}: the songs and lyrics fall into "
+        f"more shape buckets than that; set compile: false (params.yaml train: or --no-compile) and continue "
+        f"with --resume latest; {where}.")
 
 
 def _load_used_weights(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -320,7 +346,7 @@ def validation_loss(model, validation: ValidationSet, config: TrainConfig, devic
     train/eval mode are restored after; the training generator is never touched."""
     was_training = model.training
     totals = {"loss": 0.0, "denoise_loss": 0.0}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), _eager():
         model.eval()
         try:
             for item in validation.items:
@@ -539,6 +565,11 @@ def train(config: TrainConfig, transformer: torch.nn.Module, batches: Iterable[d
                 f"training diverged at step {loop.step + 1}: {exc}; {where}. Lower learning_rate, keep "
                 "grad_clip on, or use precision fp32."
             ) from None
+        except Exception as exc:
+            error = _recompile_limit_error(exc, loop.step, last_good) if config.compile else None
+            if error is None:
+                raise
+            raise error from None
         if not stop.hard and saved_step != loop.step:
             save(_position(loop, generator, source))  # the final checkpoint (also after SIGTERM)
         logger.plot()
@@ -672,7 +703,7 @@ def _run_preview(preview: Preview, transformer, source: _BatchStream, step: int,
         return
     batch = source.peek()
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), _eager():
         transformer.eval()
         try:
             preview(transformer, batch, step)

@@ -225,6 +225,60 @@ def test_a_run_over_songs_of_many_lengths_compiles_once_per_bucket(transformer_d
     assert {c for _, c in buckets} <= {12, 16}  # ⌈2^(j/2)⌉ ≥ 1 + 5 prompt + 3..8 lyric tokens
 
 
+def _compiled_tiny_model(transformer_dir, backend):
+    """The tiny model compiled with ``backend`` (a TrainConfig with compile on would use Inductor)."""
+    import torch._dynamo
+
+    from pipeline.train import compile_blocks
+
+    torch._dynamo.reset()
+    model = load_transformer_for_training(transformer_dir, config(gradient_checkpointing="none"), "cpu")
+    compile_blocks(model, backend=backend)
+    return model
+
+
+def test_validation_and_previews_run_eagerly_when_compiled(transformer_dir, tmp_path):
+    """Compiled, only the training step's shape buckets compile: validation (eval mode, no grad,
+    the σ grid as the batch) and previews run on shapes of their own and would otherwise use up the
+    recompile limit and pay a compile each."""
+    from pipeline.train import train
+    from pipeline.validation import build_validation_set, split_songs
+
+    cfg = config(compile=True, gradient_checkpointing="none", max_seconds=20.0, max_steps=2, warmup_steps=0,
+                 save_every=0, log_plot_every=0, val_every=1, plot_every=1)
+    backend = CountingBackend()
+    model = _compiled_tiny_model(transformer_dir, backend)
+    songs = {f"val/{i}": song(f"val/{i}", 60 + 7 * i, i) for i in range(2)}
+    vset = build_validation_set(songs.__getitem__, split_songs([*songs, "a"], ["val/*"], 2), cfg, SPEAKER_DIM)
+    previews = []
+
+    def preview(transformer, batch, step):
+        previews.append(step)
+        forward(transformer, batch, torch.tensor([0.5]), torch.randn(batch["latents"].shape))
+
+    batches = [song_batch(150)]  # one song: one latent and one condition bucket
+    summary = train(cfg, model, batches, tmp_path, preview=preview, validation=vset)
+    assert previews == [0, 1] and summary["val_loss"] is not None
+    assert len(backend.shapes) == 1, backend.shapes  # the training bucket's graph only
+
+
+def test_the_recompile_limit_is_one_line_naming_compile(transformer_dir, tmp_path):
+    """Past torch's recompile limit the compiled block (fullgraph=True) raises instead of falling
+    back to eager: the run stops with one line saying to turn compile off."""
+    import torch._dynamo
+
+    from pipeline.train import train
+
+    cfg = config(compile=True, gradient_checkpointing="none", max_seconds=20.0, max_steps=3, warmup_steps=0,
+                 save_every=1, log_plot_every=0)
+    model = _compiled_tiny_model(transformer_dir, CountingBackend())
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(ConfigError) as caught:
+        train(cfg, model, [song_batch(100), song_batch(200)], tmp_path)  # two latent buckets: 90, 180 frames
+    message = str(caught.value)
+    assert "\n" not in message and "compile: false" in message and "recompile limit" in message
+    assert "epoch=0-step=1_lora" in message  # the last good checkpoint
+
+
 def test_block_and_model_trace_without_graph_breaks(transformer_dir):
     import torch._dynamo
 
