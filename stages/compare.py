@@ -5,7 +5,6 @@ pipeline.sampling.compare, print where the page went.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -68,7 +67,8 @@ def plan_columns(run_dir: Path, steps: str):
 @click.option("--sampling-steps", default=60, show_default=True, type=int, help="Sampling steps per clip.")
 @click.option("--guidance", default=15.0, show_default=True, type=float, help="Guidance scale.")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
-              help="Output folder [default: <run>/compare/<date-time>_seed<N>/].")
+              help="Output folder [default: <paths.exps>/../compare/<run>/<date-time>_seed<N>/, i.e. "
+                   "workspace/exps/compare/...].")
 @click.option("--checkpoint", default=None, type=click.Path(),
               help="ACE-Step-v1-3.5B folder [default: params.yaml models.acestep].")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
@@ -84,7 +84,7 @@ def cli(run, steps, weights, prompt, lyrics_file, seed, duration, sampling_steps
     noise, into one folder with index.html (players in a grid) and index.json."""
     from pipeline.config import load_params
     from pipeline.sampling import SamplerSettings
-    from pipeline.sampling.compare import INDEX_HTML, compare
+    from pipeline.sampling.compare import INDEX_HTML, compare, default_out_dir
     from pipeline.sampling.generation import default_model_paths, read_lyrics_file
 
     project = load_params(params_path)
@@ -93,7 +93,7 @@ def cli(run, steps, weights, prompt, lyrics_file, seed, duration, sampling_steps
     weight_list = _floats(weights, "--weights")
     lyrics = read_lyrics_file(lyrics_file)
     checkpoint, lyric_vocab = default_model_paths(project.models, checkpoint, lyric_vocab)
-    out_dir = Path(out) if out else run_dir / "compare" / f"{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}"
+    out_dir = Path(out) if out else default_out_dir(project.paths.exps, run_dir.name, seed)
     n = 1 + (len(columns) - 1) * len(weight_list)
     click.echo(f"{n} clips: base model + {', '.join(c.label for c in columns[1:])} × weights "
                f"{', '.join(f'{w:g}' for w in weight_list)} (seed {seed}, {duration:g} s)")

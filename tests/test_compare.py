@@ -74,6 +74,31 @@ def test_compare_names_the_checkpoints_that_exist(tiny_checkpoint, run, tmp_path
     assert "no run" in capsys.readouterr().err
 
 
+def test_compare_writes_beside_the_samples_not_into_the_dvc_cached_run(tiny_checkpoint, run, tmp_path, monkeypatch):
+    """Without --out the grid goes to <paths.exps parent>/compare/<run>/<time>_seed<N>/: the run
+    folder is the train stage's DVC output (a new file there would make `dvc repro` train again)."""
+    import pipeline.sampling.compare as sampling_compare
+    from stages.cli import group
+
+    exps = tmp_path / "workspace" / "exps" / "logs"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"paths:\n  exps: {exps}\n", encoding="utf-8")
+    seen = {}
+
+    def fake_compare(checkpoint_root, columns, weights, prompt, lyrics, duration, out_dir, **kwargs):
+        seen["out"] = Path(out_dir)
+        return Path(out_dir) / "index.json"
+
+    monkeypatch.setattr(sampling_compare, "compare", fake_compare)
+    args = _args(tiny_checkpoint, run, "", "--steps", "best", "--params", str(params))
+    del args[args.index("--out"):args.index("--out") + 2]
+    result = CliRunner().invoke(group, args)
+    assert result.exit_code == 0, result.output
+    assert seen["out"].parent == tmp_path / "workspace" / "exps" / "compare" / "exp"
+    assert seen["out"].name.endswith("_seed3") and str(seen["out"]) in result.output
+    assert not (run / "compare").exists()
+
+
 def test_ui_compare_runs_the_command_and_reads_the_grid(run, tmp_path, monkeypatch):
     from pipeline.config import ProjectConfig
     from pipeline.ui import actions as A
@@ -101,7 +126,7 @@ def test_ui_compare_runs_the_command_and_reads_the_grid(run, tmp_path, monkeypat
     argv = seen["argv"]
     assert argv[:4] == [sys.executable, "-m", "stages", "compare"]
     assert argv[argv.index("--steps") + 1] == "1,best" and argv[argv.index("--weights") + 1] == "0.5, 1"
-    assert folder.parent == run / "compare" and "wrote 2 clips" in log
+    assert folder.parent == run.parent.parent / "compare" / "exp" and "wrote 2 clips" in log
     labels, rows = A.compare_cells(index, folder)
     assert labels == ["base model", "step 2 (best)"]
     assert rows == [(1.0, [str((folder / "base.wav").resolve()), str((folder / "step2_w1.wav").resolve())])]

@@ -58,6 +58,14 @@ def clip_name(column: Column, weight: float | None) -> str:
     return f"{slug}_w{weight:g}.wav"
 
 
+def default_out_dir(exps: str | Path, run_name: str, seed: int) -> Path:
+    """Where a comparison goes without --out: ``<paths.exps parent>/compare/<run>/<date-time>_seed<N>/``
+    (workspace/exps/compare/, beside generate's samples/). Never inside the run folder: DVC caches
+    that as the train stage's output, so a file added there would make `dvc repro` train again, and
+    the next training start would delete a running comparison's temp files as leftovers."""
+    return Path(exps).parent / "compare" / run_name / f"{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}"
+
+
 def compare(
     checkpoint_root: str | Path,
     columns: list[Column],
@@ -196,4 +204,4 @@ the base model has no LoRA.</p>
 """
 
 
-__all__ = ["Column", "compare", "grid", "index_html", "clip_name", "INDEX_JSON", "INDEX_HTML"]
+__all__ = ["Column", "compare", "default_out_dir", "grid", "index_html", "clip_name", "INDEX_JSON", "INDEX_HTML"]

@@ -897,6 +897,7 @@ def compare_checkpoints(proj: ProjectConfig, run: str, picks: list[str], weights
                         duration: float = 10.0, steps: int = 27, seed: int = 0) -> tuple[dict, Path, str]:
     """`aceturbo compare` on the picked checkpoints (names or "best"): (its index.json, the folder,
     the command and its output)."""
+    from pipeline.sampling.compare import default_out_dir
     from pipeline.train_state import parse_checkpoint_name
 
     folder = run_dir(proj, run)
@@ -908,7 +909,7 @@ def compare_checkpoints(proj: ProjectConfig, run: str, picks: list[str], weights
         tokens.append(BEST if pick == BEST else str(parsed[1]))
     if not tokens:
         raise UIError("pick at least one checkpoint to compare")
-    out = folder / "compare" / f"{time.strftime('%Y%m%d-%H%M%S')}_seed{int(seed)}"
+    out = default_out_dir(proj.paths.exps, folder.name, int(seed))
     lyrics_file = ui_dir(proj) / f"compare_lyrics_{uuid.uuid4().hex[:8]}.txt"
     write_text_atomic(lyrics_file, lyrics or "")
     argv = aceturbo("compare", *params_option(proj), "--run", str(folder), "--steps", ",".join(tokens),
