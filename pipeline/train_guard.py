@@ -195,8 +195,9 @@ def _memory_message(exc: BaseException, config: TrainConfig, during: str, run_di
     if during == "training":
         lower = [f"max_seconds (now {config.max_seconds:g})", f"batch_size (now {config.batch_size})"] + lower
     also = []
-    if during == "training" and not config.gradient_checkpointing:
-        also.append("turn gradient_checkpointing on")
+    if during == "training" and config.gradient_checkpointing != "all":  # auto/none/k: "all" recomputes most
+        setting = config.gradient_checkpointing
+        also.append(f"set gradient_checkpointing all{'' if setting == 'auto' else ' or auto'} (now {setting})")
     if config.precision != "bf16-true":
         also.append("use precision bf16-true")
     fix = "lower " + ", ".join(lower[:-1]) + (" or " if len(lower) > 1 else "") + lower[-1]

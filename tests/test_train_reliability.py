@@ -213,6 +213,27 @@ def test_out_of_cpu_memory_while_applying_the_lora_is_one_line(project, monkeypa
         "saved yet.")
 
 
+@pytest.mark.parametrize("setting, advice", [
+    ("auto", ", or set gradient_checkpointing all (now auto), "),
+    ("none", ", or set gradient_checkpointing all or auto (now none), "),
+    ("2", ", or set gradient_checkpointing all or auto (now 2), "),
+    ("all", None),
+])
+def test_out_of_memory_advice_names_gradient_checkpointing_unless_it_is_all(setting, advice, tmp_path):
+    from pipeline.errors import MemoryLimitError
+    from pipeline.train_guard import explain_failures
+
+    with pytest.raises(MemoryLimitError) as caught, \
+            explain_failures(tiny_config(gradient_checkpointing=setting), tmp_path, "training"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    message = str(caught.value)
+    assert message.startswith("out of GPU memory while training (tried to allocate 2.00 GiB): lower max_seconds")
+    if advice is None:
+        assert "gradient_checkpointing" not in message
+    else:
+        assert advice in message
+
+
 def test_out_of_gpu_memory_in_a_step_is_one_line_and_the_process_exits(project, tmp_path):
     """With two DataLoader worker processes alive: the trainer must still exit (status 1)."""
     root, params = project
