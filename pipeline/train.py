@@ -350,10 +350,12 @@ def validation_loss(model, validation: ValidationSet, config: TrainConfig, devic
         model.eval()
         try:
             for item in validation.items:
+                # The song repeated over its σ grid on the CPU, moved by forward_loss as a training
+                # batch is: it reads the masks on the CPU to skip the unpadded ones (flash kernels).
+                # Tensors are small (latents, prompt, lyrics); the SSL lists repeat one tensor, moved once.
                 n = item.sigmas.shape[0]
-                one = batch_to_device(item.batch, device, dtype)  # moved once, then repeated on the device
                 batch = {k: v.expand(n, *v.shape[1:]).contiguous() if isinstance(v, torch.Tensor)
-                         else v * n if isinstance(v, list) else v for k, v in one.items()}
+                         else v * n if isinstance(v, list) else v for k, v in item.batch.items()}
                 _, parts = forward_loss(model, batch, item.noise(), item.sigmas, config, device, dtype)
                 for key in totals:
                     totals[key] += float(parts[key]) / len(validation.items)
@@ -722,11 +724,16 @@ def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`. To a GPU the
-    copies come from pinned memory and do not block the host (the cast happens on the device)."""
+    copies come from pinned memory and do not block the host (the cast happens on the device). A
+    tensor listed several times (validation's repeated SSL features) is moved once."""
+    moved: dict[int, torch.Tensor] = {}
+
     def move(x):
         if isinstance(x, torch.Tensor):
-            x = _to_device(x, device)
-            return x.to(dtype) if x.is_floating_point() else x
+            if id(x) not in moved:
+                y = _to_device(x, device)
+                moved[id(x)] = y.to(dtype) if y.is_floating_point() else y
+            return moved[id(x)]
         if isinstance(x, (list, tuple)):
             return [move(v) for v in x]
         return x

@@ -65,6 +65,43 @@ def test_validation_loss_is_deterministic_and_leaves_the_training_state_alone(ti
     assert set(values[0]) == {"val_loss", "val_denoise_loss"} and values[0]["val_loss"] > values[0]["val_denoise_loss"]
 
 
+def test_validation_hands_forward_loss_the_cpu_batch_as_training_does(tiny_transformer_dir, monkeypatch):
+    """forward_loss reads the masks on the CPU (no device sync) to skip the ones with nothing padded
+    (flash kernels on a GPU); a batch moved to the GPU first would always take the masked path. So
+    validation repeats the song over its σ grid on the CPU and lets forward_loss move it, each
+    distinct tensor once (the SSL features are the same song n times)."""
+    from pipeline import train as train_module
+
+    config = tiny_config()
+    vset = _validation(config, n=1)
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    inside, outside, moved = [False], [], []
+    forward_loss, batch_to_device, to_device = (train_module.forward_loss, train_module.batch_to_device,
+                                                train_module._to_device)
+
+    def spy_forward_loss(*args, **kwargs):
+        inside[0] = True
+        try:
+            return forward_loss(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def spy_batch_to_device(*args, **kwargs):
+        outside.append(not inside[0])
+        return batch_to_device(*args, **kwargs)
+
+    def spy_to_device(x, device):
+        moved.append(x)
+        return to_device(x, device)
+
+    monkeypatch.setattr(train_module, "forward_loss", spy_forward_loss)
+    monkeypatch.setattr(train_module, "batch_to_device", spy_batch_to_device)
+    monkeypatch.setattr(train_module, "_to_device", spy_to_device)
+    validation_loss(model, vset, config, CPU, torch.float32)
+    assert outside == [False]  # moved only inside forward_loss
+    assert len({id(x) for x in moved}) == len(moved)  # each tensor moved once
+
+
 def test_validation_is_independent_of_the_training_rng_and_resume_redraws_the_same_curve(tiny_transformer_dir, tmp_path):
     config = tiny_config(max_steps=8, save_every=0, val_every=2, keep_last=0, log_plot_every=0)
     vset = _validation(config)
