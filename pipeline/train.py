@@ -75,6 +75,14 @@ def lora_settings(config: TrainConfig):
 UNUSED_IN_TRAINING = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
+def drop_unused_in_training(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove the UNUSED_IN_TRAINING modules: the module tree training holds (and adapts with LoRA)."""
+    for block in model.transformer_blocks:
+        for name in UNUSED_IN_TRAINING:
+            delattr(block.cross_attn, name)
+    return model
+
+
 def load_transformer_for_training(transformer_dir: str | Path, config: TrainConfig,
                                   device: torch.device | str | None = None,
                                   skip_unused: bool = True) -> torch.nn.Module:
@@ -183,9 +191,7 @@ def _load_used_weights(folder: Path, dtype: torch.dtype, device: torch.device) -
 
     with torch.device("meta"):
         model = ACEStepTransformer2DModel.from_config(ACEStepTransformer2DModel.load_config(folder))
-    for block in model.transformer_blocks:
-        for name in UNUSED_IN_TRAINING:
-            delattr(block.cross_attn, name)
+    drop_unused_in_training(model)
     wanted = model.state_dict()
     if device.type == "meta":
         state = {key: torch.empty_like(t, dtype=dtype if t.is_floating_point() else t.dtype) for key, t in wanted.items()}

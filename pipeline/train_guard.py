@@ -65,11 +65,13 @@ def check_window(config: TrainConfig, model_config: dict) -> None:
 
 
 def meta_transformer(model_config: dict) -> torch.nn.Module:
-    """The transformer built on the meta device: its module tree and shapes, without any weight."""
+    """The transformer built on the meta device as training holds it: its module tree and shapes
+    without the modules training never loads (pipeline.train.UNUSED_IN_TRAINING), without any weight."""
     from pipeline.models.transformer import ACEStepTransformer2DModel
+    from pipeline.train import drop_unused_in_training
 
     with torch.device("meta"):
-        return ACEStepTransformer2DModel.from_config(model_config)
+        return drop_unused_in_training(ACEStepTransformer2DModel.from_config(model_config))
 
 
 def lora_target_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, list[tuple[str, torch.nn.Module]]]:
@@ -83,8 +85,15 @@ def check_lora_targets(config: TrainConfig, layers: dict[str, list[tuple[str, to
     """Every target names at least one layer peft can adapt. A rank above min(in, out) of a layer
     is allowed (the tiny demo model trains the real presets' ranks) but trains nothing more than
     min(in, out) would, at the cost of memory: a warning says so."""
+    from pipeline.train import UNUSED_IN_TRAINING
+
     adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
     for target, found in layers.items():
+        if not found and target.rsplit(".", 1)[-1] in UNUSED_IN_TRAINING:
+            # peft would skip it without a word beside other targets, or fail at load when alone
+            raise ConfigError(f"train setting 'target_modules': '{target}' names a cross-attention projection "
+                              f"the training step never uses ({', '.join(UNUSED_IN_TRAINING)}: not even loaded "
+                              "for training); drop it and adapt to_q, to_k, to_v, to_out.0 instead.")
         if not found:
             raise ConfigError(f"train setting 'target_modules': '{target}' names no layer of the transformer; "
                               "use layer names such as to_q, to_k, to_v, to_out.0, linear_q, speaker_embedder.")

@@ -399,6 +399,18 @@ def test_rank_against_the_layers_and_the_free_memory(tiny_transformer_dir):
         check_memory(config, model_config, gpu, free=10**6)  # its fp32 weights are 1.7 MB
 
 
+@pytest.mark.parametrize("targets", [["to_q", "add_k_proj"], ["cross_attn.add_q_proj"], ["to_add_out"]])
+def test_preflight_refuses_lora_targets_the_training_step_never_uses(tiny_transformer_dir, targets):
+    """The cross-attention's add_* projections are not loaded for training: beside other targets
+    peft would skip them silently, alone the load would fail after the folder was set aside."""
+    from pipeline.train_guard import preflight
+
+    preflight(tiny_config(target_modules=["to_q"]), Path(tiny_transformer_dir), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=rf"'{targets[-1]}' names a cross-attention projection the training step "
+                                          r"never uses .*drop it"):
+        preflight(tiny_config(target_modules=targets), Path(tiny_transformer_dir), torch.device("cpu"))
+
+
 def test_cuda_without_a_gpu_or_beyond_the_count(monkeypatch):
     from pipeline.distributed import resolve_device
 
