@@ -163,8 +163,8 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     Nothing in the run folder moves or is written before (1) the run lock is ours (another live
     training of this experiment is refused, naming its pid) and (2) everything that can fail at the
     start has been checked and loaded: settings, device, model files, LoRA targets and rank, the
-    cache, the resume checkpoint. A run that then fails before its first checkpoint puts the
-    previous run back in place. With ``dvc_dir`` a completed run also writes DVC's metrics and plots
+    cache, the resume checkpoint. A run that then fails, or is stopped at once (a second Ctrl-C),
+    before its first checkpoint puts the previous run back in place. With ``dvc_dir`` a completed run also writes DVC's metrics and plots
     files there (pipeline.metrics.write_dvc_files).
     """
     import torch
@@ -213,6 +213,8 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
             with explain_failures(config, run_dir, "training"):
                 summary = train(config, transformer, batches, run_dir, preview=preview, resume=resume,
                                 validation=validation)
+            if previous is not None and summary["checkpoint"] is None:
+                put_back_previous(run_dir, previous)  # a second Ctrl-C returns before any checkpoint
         except BaseException:
             if previous is not None:
                 put_back_previous(run_dir, previous)

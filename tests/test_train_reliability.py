@@ -196,6 +196,29 @@ def test_a_run_failing_before_its_first_checkpoint_puts_the_previous_run_back(pr
     assert _run(params, "--max-steps", "3", "--resume", "latest") == 0
 
 
+def test_a_hard_stop_before_the_first_checkpoint_puts_the_previous_run_back(project, monkeypatch, capsys):
+    """A second Ctrl-C makes train() return (no exception) without saving: with no checkpoint yet,
+    the run it had set aside gets its name back, as after a failure."""
+    from pipeline import train as train_module
+
+    root, params = project
+    run = root / "workspace" / "exps" / "logs" / "cli"
+    assert _run(params, "--max-steps", "2") == 0
+    before = _tree(run)
+
+    def hard_stop(config, transformer, batches, run_dir, **kwargs):
+        (Path(run_dir) / "train_config.json").write_text(config.to_json())
+        return {"run_dir": str(run_dir), "step": 0, "stopped": "interrupted (Ctrl-C)", "checkpoint": None}
+
+    monkeypatch.setattr(train_module, "train", hard_stop)
+    capsys.readouterr()
+    assert _run(params, "--max-steps", "4", "--learning-rate", "5e-4") == 130  # other settings: a new run
+    assert "previous run is back" in capsys.readouterr().err
+    assert _tree(run) == before
+    (failed,) = run.parent.glob("cli.failed-*")
+    assert (failed / "train_config.json").is_file() and not list_checkpoints(failed)
+
+
 def test_out_of_cpu_memory_while_applying_the_lora_is_one_line(project, monkeypatch, capsys):
     from pipeline import train as train_module
 
