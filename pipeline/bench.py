@@ -1249,8 +1249,9 @@ def write_reports(results: dict, md_path: Path, json_path: Path) -> None:
     if not any(r["size"] == "full" for r in cuda_runs):
         lines += ["Not run yet: no GPU was available to the sessions that wrote this file. On a machine with a CUDA",
                   "GPU, `bash scripts/gpu_check.sh` installs the project, runs the CUDA-only tests and the full-size",
-                  "bench (r = 16, 64, 256; floor, cached, live, paired; checkpointing all and none) and rewrites",
-                  "this file with the GPU table."] + list(results.get("gpu_pending_notes") or []) + [""]
+                  "bench (r = 16, 64, 256; floor, cached, live, paired; checkpointing all, none and auto; compiled)",
+                  "and rewrites this file with the GPU table, then trains for real on that checkpoint (compile on,",
+                  "validation)."] + list(results.get("gpu_pending_notes") or []) + [""]
     for r in cuda_runs:
         lines += _md_run(r) + [""]
     lines += ["## Targets", "", "| target | measured on | result |", "|---|---|---|"]
