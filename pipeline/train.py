@@ -15,6 +15,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -156,7 +157,10 @@ def _input_needs_grad(module, args, output: torch.Tensor):
 def _eager():
     """Run compiled blocks eagerly within: validation and previews see shapes (unbucketed, eval mode,
     no grad) that the training step never does; compiled, each would cost a compile and count
-    towards the recompile limit."""
+    towards the recompile limit. Nothing to do while Dynamo was never imported (nothing compiled):
+    importing it only for this would cost an uncompiled run about a second."""
+    if "torch._dynamo" not in sys.modules:
+        return nullcontext()
     return torch.compiler.set_stance("force_eager")
 
 

@@ -164,8 +164,8 @@ def run_one(config: TrainConfig, project, resume: str | None = None, cache_dir: 
     training of this experiment is refused, naming its pid) and (2) everything that can fail at the
     start has been checked and loaded: settings, device, model files, LoRA targets and rank, the
     cache, the resume checkpoint. A run that then fails, or is stopped at once (a second Ctrl-C),
-    before its first checkpoint puts the previous run back in place. With ``dvc_dir`` a completed run also writes DVC's metrics and plots
-    files there (pipeline.metrics.write_dvc_files).
+    before its first checkpoint puts the previous run back in place. With ``dvc_dir`` a completed
+    run also writes DVC's metrics and plots files there (pipeline.metrics.write_dvc_files).
     """
     import torch
 
