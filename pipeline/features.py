@@ -30,8 +30,9 @@ FEATURES_CODE_VERSION = {
     "mert": "1",
     "mhubert": "1",
     # 2: lyric cleaners with the reference's currency and line-strip rules (#14); 3: curly quotes
-    # removed before that strip, so '“ hi ”' no longer keeps edge spaces
-    "text": "3",
+    # removed before that strip, so '“ hi ”' no longer keeps edge spaces; 4: no English ordinal
+    # step ("1st" → "onest") and num2words' capitals kept ("drei Komma fünf"), as the reference
+    "text": "4",
 }
 AUDIO_STREAMS = ("latents", "mert", "mhubert")
 STREAMS = AUDIO_STREAMS + ("text",)

@@ -94,10 +94,13 @@ def test_truncation_helper(real_tokenizer):
 
 
 def test_cleaners():
+    # No ordinal step outside hu/ko (issue #14's order of the reference's number step): "1st" →
+    # "one" + "st", glued, as the reference tokenizes it.
     assert clean_line("I was 1st, paid $5 & 3.5% of 1,000", "en") == (
-        "i was first, paid five dollars and three point five percent of one thousand")
+        "i was onest, paid five dollars and three point five percent of one thousand")
     assert clean_line('He said "hi"   there', "en") == "he said hi there"
-    assert clean_line("Ich habe 2,5 Euro", "de") == "ich habe zwei komma fünf euro"
+    # The line is lower-cased BEFORE numbers are expanded: num2words' "Komma" keeps its capital.
+    assert clean_line("Ich habe 2,5 Euro", "de") == "ich habe zwei Komma fünf euro"
     assert clean_line("我有10个梦想，", "zh") == "wo3you3shi2ge4meng4xiang3,"
     assert clean_line("사랑해", "ko") == "salanghae"
     assert clean_line("नमस्ते", "hi") == "नमस्ते"
