@@ -350,3 +350,24 @@ def test_bad_lora_files_are_one_line_errors(tiny_transformer_dir, tmp_path, caps
     assert "\n" not in str(exc.value)
     assert not getattr(model, "peft_config", None)  # nothing half-loaded
 
+
+
+def test_alpha_overrides_only_for_files_without_metadata(tiny_transformer_dir, tmp_path, capsys):
+    """--alpha/--rslora on a file that records its own scale (ours baked, official metadata, .alpha
+    tensors) would scale it twice: refused; on a bare file they must be a finite alpha > 0."""
+    _, _, _, ckpt = trained_run(tiny_transformer_dir, CASES["odd-fp32"], tmp_path / "run")
+    weights = checkpoint_lora_weights(ckpt)
+    modules = {k[: -len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")}
+    save_file(dict(weights, **{f"{m}.alpha": torch.tensor(6.0) for m in modules}), str(tmp_path / "kohya.safetensors"))
+    save_file(weights, str(tmp_path / "bare.safetensors"))
+    for src in (ckpt, ckpt / LORA_FILE, tmp_path / "kohya.safetensors"):
+        for argv in (["export-lora", str(src), "--out", str(tmp_path / "x"), "--alpha", "7", "--rslora"],
+                     ["lora-info", str(src), "--no-rslora"]):
+            err = _one_line_error(capsys, argv)
+            assert src.name in err and "only for files without metadata" in err, err
+    assert not (tmp_path / "x").exists()
+    for bad in ("0", "-1", "nan", "inf"):
+        err = _one_line_error(capsys, ["lora-info", str(tmp_path / "bare.safetensors"), "--alpha", bad])
+        assert "--alpha must be a finite number > 0" in err and "bare.safetensors" in err, err
+    assert inspect_lora(tmp_path / "bare.safetensors", alpha=7.0, use_rslora=True).trained.scale == pytest.approx(
+        7 / 6 ** 0.5)
