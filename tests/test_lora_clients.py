@@ -257,14 +257,17 @@ def test_export_lora_formats_and_file_modes(tiny_transformer_dir, tmp_path, caps
 
 def test_official_export_of_a_checkpoint_is_the_trained_weights_exactly(tiny_transformer_dir, tmp_path):
     """fp32 training with scale 7/sqrt(6): dividing the baked lora_B by the scale again is off in the
-    last bit; a checkpoint folder's official export takes the weights kept in training_state.pt."""
+    last bit; a checkpoint's official export (from its folder or its LoRA file) takes the weights kept in
+    training_state.pt."""
     from stages.cli import main
 
     _, model, _, ckpt = trained_run(tiny_transformer_dir, CASES["odd-fp32"], tmp_path / "run")
-    main(["export-lora", str(ckpt), "--out", str(tmp_path / "official"), "--format", "official"])
-    official, trained = load_file(tmp_path / "official" / LORA_FILE), lora_state_dict(model, ADAPTER)
-    assert official.keys() == trained.keys()
-    assert all(official[k].dtype == torch.float32 and torch.equal(official[k], trained[k]) for k in trained)
+    trained = lora_state_dict(model, ADAPTER)
+    for src, out in ((ckpt, "official"), (ckpt / LORA_FILE, "from-file")):  # the folder or its LoRA file
+        main(["export-lora", str(src), "--out", str(tmp_path / out), "--format", "official"])
+        official = load_file(tmp_path / out / LORA_FILE)
+        assert official.keys() == trained.keys()
+        assert all(official[k].dtype == torch.float32 and torch.equal(official[k], trained[k]) for k in trained), src
 
 
 def test_lora_info_cli(tiny_transformer_dir, tmp_path, capsys):
