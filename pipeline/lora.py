@@ -433,9 +433,10 @@ def _check_weights(file: Path, shapes: dict, dtypes: dict, alphas: dict) -> tupl
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise CheckpointError(f"LoRA file '{file}' has no {missing} for '{module}'; re-export it")
-        if len(ab["A"]) != 2 or len(ab["B"]) != 2:
-            raise CheckpointError(f"LoRA file '{file}': '{module}' is not a 2-D (Linear) LoRA "
-                                  f"(lora_A {list(ab['A'])}, lora_B {list(ab['B'])}); only Linear LoRAs load here")
+        # Linear: A [r, in], B [out, r]; Conv1d (a ConvLayer.conv target): A [r, in, k], B [out, r, 1]
+        if len(ab["A"]) not in (2, 3) or len(ab["B"]) != len(ab["A"]) or tuple(ab["B"][2:]) not in ((), (1,)):
+            raise CheckpointError(f"LoRA file '{file}': '{module}' is not a Linear or Conv1d LoRA "
+                                  f"(lora_A {list(ab['A'])}, lora_B {list(ab['B'])}); only those load here")
         if ab["A"][0] != ab["B"][1]:
             raise CheckpointError(f"LoRA file '{file}': '{module}' has rank {ab['A'][0]} in lora_A but {ab['B'][1]} "
                                   f"in lora_B (shapes {list(ab['A'])} and {list(ab['B'])}); the file is damaged")

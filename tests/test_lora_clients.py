@@ -63,7 +63,7 @@ def trained_deltas(model, settings):
     pairs = {}
     for key, t in lora_state_dict(model, ADAPTER).items():
         module, ab = key.rsplit(".lora_", 1)
-        pairs.setdefault(module, {})[ab[0]] = t.double()
+        pairs.setdefault(module, {})[ab[0]] = t.double().flatten(1)  # a Conv1d LoRA's [r, in, k] as [r, in·k]
     return {m: settings.scale * ab["B"] @ ab["A"] for m, ab in pairs.items()}
 
 
@@ -74,7 +74,7 @@ def adapter_deltas(model, adapter):
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            a, b = module.lora_A[adapter].weight.double(), module.lora_B[adapter].weight.double()
+            a, b = module.lora_A[adapter].weight.double().flatten(1), module.lora_B[adapter].weight.double().flatten(1)
             out[name] = module.scaling[adapter] * b @ a
     return out
 
@@ -309,6 +309,28 @@ def test_ui_lora_download_kinds(proj, tiny_transformer_dir, tmp_path):
     for i, a in enumerate(files):
         for b in files[i + 1:]:
             assert a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_conv_target_trains_and_its_checkpoint_loads(tiny_transformer_dir, tmp_path, capsys):
+    """target_modules naming ConvLayer convs (peft Conv1d LoRAs): a training step moves their LoRA,
+    and the checkpoint loads back at the trained strength and reads in lora-info."""
+    from pipeline.train import load_transformer_for_training, train
+    from stages.cli import main
+    from test_train import SyntheticSource, tiny_config
+
+    config = tiny_config(max_steps=1, save_every=1, warmup_steps=0, alpha=6.0,
+                         target_modules=["inverted_conv.conv", "to_q"])
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    conv_b = {n: p for n, p in model.named_parameters() if "inverted_conv.conv.lora_B" in n}
+    assert conv_b and all(p.abs().max() == 0 for p in conv_b.values())
+    ckpt = Path(train(config, model, SyntheticSource(n=2), tmp_path / "run")["checkpoint"])
+    assert all(p.abs().max() > 0 for p in conv_b.values())  # B starts at 0: only a gradient moves it
+    fresh = ACEStepTransformer2DModel.from_pretrained(tiny_transformer_dir)
+    load_lora(fresh, ckpt)
+    loaded, trained = adapter_deltas(fresh, OFFICIAL), trained_deltas(model, lora_settings(config))
+    assert any("inverted_conv" in m for m in loaded) and worst(loaded, trained) <= 1e-6
+    main(["lora-info", str(ckpt)])
+    assert "inverted_conv.conv" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ bad input
