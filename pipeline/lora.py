@@ -31,7 +31,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -433,9 +433,10 @@ def _check_weights(file: Path, shapes: dict, dtypes: dict, alphas: dict) -> tupl
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise CheckpointError(f"LoRA file '{file}' has no {missing} for '{module}'; re-export it")
-        if len(ab["A"]) != 2 or len(ab["B"]) != 2:
-            raise CheckpointError(f"LoRA file '{file}': '{module}' is not a 2-D (Linear) LoRA "
-                                  f"(lora_A {list(ab['A'])}, lora_B {list(ab['B'])}); only Linear LoRAs load here")
+        # Linear: A [r, in], B [out, r]; Conv1d (a ConvLayer.conv target): A [r, in, k], B [out, r, 1]
+        if len(ab["A"]) not in (2, 3) or len(ab["B"]) != len(ab["A"]) or tuple(ab["B"][2:]) not in ((), (1,)):
+            raise CheckpointError(f"LoRA file '{file}': '{module}' is not a Linear or Conv1d LoRA "
+                                  f"(lora_A {list(ab['A'])}, lora_B {list(ab['B'])}); only those load here")
         if ab["A"][0] != ab["B"][1]:
             raise CheckpointError(f"LoRA file '{file}': '{module}' has rank {ab['A'][0]} in lora_A but {ab['B'][1]} "
                                   f"in lora_B (shapes {list(ab['A'])} and {list(ab['B'])}); the file is damaged")
@@ -484,7 +485,7 @@ def inspect_lora(path: str | Path, alpha: float | None = None, use_rslora: bool 
     """Read what a LoRA (folder or file) says about itself, checking it is a well-formed LoRA.
 
     The scale ``load_lora`` applies, first match wins: ``alpha``/``use_rslora`` when given (the
-    trained values of a file that lacks them); our baked file (1); ``.alpha`` tensors (alpha/r per
+    trained values of a file that lacks them; a ConfigError for a file that records its own); our baked file (1); ``.alpha`` tensors (alpha/r per
     module, the kohya/ComfyUI rule); ``lora_adapter_metadata`` (alpha/√r with rsLoRA, else alpha/r);
     nothing (1: alpha = r, what every loader assumes then)."""
     file = _resolve_file(path)
@@ -496,9 +497,13 @@ def inspect_lora(path: str | Path, alpha: float | None = None, use_rslora: bool 
 
     baked = bool(ours and ours.get("baked"))
     if alpha is not None or use_rslora is not None:
-        trained.alpha = float(alpha) if alpha is not None else trained.alpha
-        trained.use_rslora = bool(use_rslora) if use_rslora is not None else trained.use_rslora
-        baked = False
+        if ours or config or alphas:  # the file's own account wins: re-scaling a baked file would bake it twice
+            raise ConfigError(f"LoRA file '{file}' records its own scale (metadata or .alpha tensors); "
+                              "alpha/rsLoRA overrides (--alpha/--rslora) are only for files without metadata: drop them")
+        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"--alpha must be a finite number > 0, got {alpha!r} (for LoRA file '{file}')")
+        trained = replace(trained, alpha=float(alpha) if alpha is not None else trained.alpha,
+                          use_rslora=bool(use_rslora) if use_rslora is not None else trained.use_rslora)
         scales = {m: _rank_scale(trained.alpha, r, trained.use_rslora) for m, r in ranks.items()}
         source = f"given alpha {trained.alpha:g}" + (", rsLoRA" if trained.use_rslora else "")
     elif baked:

@@ -1,10 +1,10 @@
 """What stands between a training run and a user mistake or a failing machine.
 
-``preflight`` checks, before a run folder is touched, what can be known without training: the
-transformer's files are whole (from the safetensors headers), every LoRA target names layers of
-this transformer (on a weightless "meta" copy of the model: no memory, a fraction of a second), a
-step of these settings fits in the device's free memory by the memory model (pipeline.memory), and
-the training window holds at least one latent patch. ``explain_failures`` turns running out of
+``preflight`` checks, before a run folder is touched, what can be known without training: every
+LoRA target names layers of this transformer (on a weightless "meta" copy of the model: no memory,
+a fraction of a second), a step of these settings fits in the device's free memory by the memory
+model (pipeline.memory), and the training window holds at least one latent patch. (That the
+transformer's files are whole, ``paths.require`` checked when it found the folder.) ``explain_failures`` turns running out of
 memory or disk during a run into one line that says what to lower or free and which checkpoint is
 intact.
 
@@ -23,7 +23,6 @@ from typing import Iterator
 
 import torch
 
-from pipeline.checkpoints import check_weight_files
 from pipeline.errors import CheckpointError, ConfigError, DiskFullError, MemoryLimitError
 from pipeline.fileio import free_bytes, is_disk_full
 from pipeline.train_config import TrainConfig
@@ -32,10 +31,9 @@ from pipeline.train_config import TrainConfig
 # ------------------------------------------------------------------ before the run folder is touched
 def preflight(config: TrainConfig, transformer_dir: str | Path, device: torch.device) -> None:
     """Raise the one-line error a start would otherwise meet later (after moving the previous run
-    aside, or after minutes of loading)."""
-    folder = Path(transformer_dir)
-    model_config = transformer_config(folder)
-    check_weight_files(folder, "ACE-Step transformer", "acestep")
+    aside, or after minutes of loading). ``transformer_dir``: as ``paths.require("ace_step_transformer")``
+    returns it, its weight files already checked."""
+    model_config = transformer_config(Path(transformer_dir))
     check_window(config, model_config)
     model = meta_transformer(model_config)
     layers = lora_target_layers(model, config.target_modules)

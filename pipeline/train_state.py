@@ -34,6 +34,7 @@ import torch
 
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.fileio import disk_full_guard, fsync_dir, fsync_tree, publish_dir, remove_dir_atomic, write_json_atomic
+from pipeline.lora import lora_state_dict, save_lora
 
 CHECKPOINTS_DIR = "checkpoints"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -153,16 +154,6 @@ class LoopState:
     loader: Any = None  # batches.state_dict() (per rank in a checkpoint), None if it has none
 
 
-def lora_parameters(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
-    """The adapter's parameters under their official file keys (adapter name removed, spec §6.6)."""
-    tag = f".{adapter_name}."
-    out = {}
-    for name, p in model.named_parameters():
-        if ".lora_" in name and tag in name:
-            out[name.replace(tag, ".")] = p
-    return out
-
-
 def save_checkpoint(
     run_dir: str | Path,
     transformer: torch.nn.Module,
@@ -174,8 +165,6 @@ def save_checkpoint(
     adapter_name: str = "default",
 ) -> Path:
     """Write ``checkpoints/epoch=E-step=S_lora/`` atomically and return its path."""
-    from pipeline.lora import save_lora
-
     folder = Path(run_dir) / CHECKPOINTS_DIR
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
@@ -193,13 +182,12 @@ def save_checkpoint(
         "lora": _lora_signature(lora_settings),
         "config": config or {},
         # Resume needs the exact trained factors; the LoRA file holds scale × B (maybe as float32).
-        "lora_weights": {k: p.detach().to("cpu", copy=True)
-                         for k, p in lora_parameters(transformer, adapter_name).items()},
+        "lora_weights": {k: t.to("cpu", copy=True) for k, t in lora_state_dict(transformer, adapter_name).items()},
     }
     old = None
     try:
         # a full disk: one line naming the file and the space it needs (torch.save gives no errno)
-        with disk_full_guard(final / LORA_FILE, _nbytes(lora_parameters(transformer, adapter_name))):
+        with disk_full_guard(final / LORA_FILE, _nbytes(state["lora_weights"])):
             save_lora(transformer, tmp, lora_settings, adapter_name=adapter_name)
         with disk_full_guard(final / STATE_FILE, _nbytes(state)):
             torch.save(state, tmp / STATE_FILE)
@@ -248,7 +236,7 @@ def load_checkpoint(
             f"for {want}; use the run's original rank/alpha/targets or start a new experiment."
         )
     weights = _trained_weights(path, state)
-    params = lora_parameters(transformer, adapter_name)
+    params = lora_state_dict(transformer, adapter_name)  # detached views: copy_ fills the parameters in place
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
         raise CheckpointError(

@@ -31,15 +31,16 @@ def cli(src: Path, out: Path, fmt: str, bake_alpha: bool, alpha: float | None, u
     """Copy the LoRA SRC (a checkpoint folder, or any LoRA .safetensors: ours, official, kohya/ComfyUI
     .alpha style) to OUT/pytorch_lora_weights.safetensors with official keys (no prefix)."""
     from pipeline.lora import convert_weights, inspect_lora, read_lora_file, write_lora_file
-    from pipeline.train_state import STATE_FILE, checkpoint_lora_weights
+    from pipeline.train_state import LORA_FILE, STATE_FILE, checkpoint_lora_weights
 
     if (src if src.is_dir() else src.parent).resolve() == out.resolve():
         raise ConfigError(f"--out '{out}' is the source folder itself; choose another folder")
     fmt = "baked" if bake_alpha else fmt
     weights, info = read_lora_file(src, alpha=alpha, use_rslora=use_rslora)
     baked = fmt == "baked"
-    if not baked and src.is_dir() and (src / STATE_FILE).is_file():
-        weights = checkpoint_lora_weights(src)  # a checkpoint keeps the trained weights: exact, no unbaking
+    checkpoint = info.file.parent  # SRC the checkpoint folder or its LoRA file: training_state.pt is beside it
+    if not baked and info.file.name == LORA_FILE and (checkpoint / STATE_FILE).is_file():
+        weights = checkpoint_lora_weights(checkpoint)  # a checkpoint keeps the trained weights: exact, no unbaking
     else:
         weights = convert_weights(weights, info, baked=baked)
     path = write_lora_file(weights, out, info.trained, baked=baked, trained_dtype=info.trained_dtype)

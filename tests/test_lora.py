@@ -101,6 +101,29 @@ def test_apply_freezes_everything_but_lora(tiny):
         apply_lora(ACEStepTransformer2DModel.from_pretrained(tiny), LoraSettings(target_modules=["nope"]), "x")
 
 
+def test_conv_targets_train_and_apply(tiny):
+    """A conv target (peft wraps ConvLayer.conv): a training step gives its LoRA gradients, and the
+    model's output carries the LoRA (ConvLayer calls the wrapper, not its own fast path)."""
+    model = ACEStepTransformer2DModel.from_pretrained(tiny)
+    inputs = _inputs(3)
+    plain = _run(model, inputs)
+    apply_lora(model, LoraSettings(r=4, alpha=4.0, use_rslora=False, target_modules=["inverted_conv.conv", "to_q"]))
+    assert max_rel(_run(model, inputs), plain) <= 1e-5  # B = 0: the base conv alone, as in the fast path
+    model.train()
+    params = lora_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model(**inputs).sample.square().mean().backward()
+    conv_b = {n: p for n, p in model.named_parameters() if "inverted_conv.conv.lora_B" in n}
+    assert conv_b and all(p.grad is not None and p.grad.abs().max() > 0 for p in conv_b.values())
+    optimizer.step()
+    assert all(p.abs().max() > 0 for p in conv_b.values())
+    with torch.no_grad():  # only the conv LoRA differs from the base model now
+        for n, p in model.named_parameters():
+            if ".lora_B." in n and "inverted_conv" not in n:
+                p.zero_()
+    assert max_rel(_run(model, inputs), plain) > 1e-4
+
+
 def test_state_dict_keys_are_the_official_ones(trained):
     model, _, plain, _ = trained
     keys = set(lora_state_dict(model))

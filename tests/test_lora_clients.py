@@ -63,7 +63,7 @@ def trained_deltas(model, settings):
     pairs = {}
     for key, t in lora_state_dict(model, ADAPTER).items():
         module, ab = key.rsplit(".lora_", 1)
-        pairs.setdefault(module, {})[ab[0]] = t.double()
+        pairs.setdefault(module, {})[ab[0]] = t.double().flatten(1)  # a Conv1d LoRA's [r, in, k] as [r, in·k]
     return {m: settings.scale * ab["B"] @ ab["A"] for m, ab in pairs.items()}
 
 
@@ -74,7 +74,7 @@ def adapter_deltas(model, adapter):
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            a, b = module.lora_A[adapter].weight.double(), module.lora_B[adapter].weight.double()
+            a, b = module.lora_A[adapter].weight.double().flatten(1), module.lora_B[adapter].weight.double().flatten(1)
             out[name] = module.scaling[adapter] * b @ a
     return out
 
@@ -257,14 +257,17 @@ def test_export_lora_formats_and_file_modes(tiny_transformer_dir, tmp_path, caps
 
 def test_official_export_of_a_checkpoint_is_the_trained_weights_exactly(tiny_transformer_dir, tmp_path):
     """fp32 training with scale 7/sqrt(6): dividing the baked lora_B by the scale again is off in the
-    last bit; a checkpoint folder's official export takes the weights kept in training_state.pt."""
+    last bit; a checkpoint's official export (from its folder or its LoRA file) takes the weights kept in
+    training_state.pt."""
     from stages.cli import main
 
     _, model, _, ckpt = trained_run(tiny_transformer_dir, CASES["odd-fp32"], tmp_path / "run")
-    main(["export-lora", str(ckpt), "--out", str(tmp_path / "official"), "--format", "official"])
-    official, trained = load_file(tmp_path / "official" / LORA_FILE), lora_state_dict(model, ADAPTER)
-    assert official.keys() == trained.keys()
-    assert all(official[k].dtype == torch.float32 and torch.equal(official[k], trained[k]) for k in trained)
+    trained = lora_state_dict(model, ADAPTER)
+    for src, out in ((ckpt, "official"), (ckpt / LORA_FILE, "from-file")):  # the folder or its LoRA file
+        main(["export-lora", str(src), "--out", str(tmp_path / out), "--format", "official"])
+        official = load_file(tmp_path / out / LORA_FILE)
+        assert official.keys() == trained.keys()
+        assert all(official[k].dtype == torch.float32 and torch.equal(official[k], trained[k]) for k in trained), src
 
 
 def test_lora_info_cli(tiny_transformer_dir, tmp_path, capsys):
@@ -306,6 +309,28 @@ def test_ui_lora_download_kinds(proj, tiny_transformer_dir, tmp_path):
     for i, a in enumerate(files):
         for b in files[i + 1:]:
             assert a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_conv_target_trains_and_its_checkpoint_loads(tiny_transformer_dir, tmp_path, capsys):
+    """target_modules naming ConvLayer convs (peft Conv1d LoRAs): a training step moves their LoRA,
+    and the checkpoint loads back at the trained strength and reads in lora-info."""
+    from pipeline.train import load_transformer_for_training, train
+    from stages.cli import main
+    from test_train import SyntheticSource, tiny_config
+
+    config = tiny_config(max_steps=1, save_every=1, warmup_steps=0, alpha=6.0,
+                         target_modules=["inverted_conv.conv", "to_q"])
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")
+    conv_b = {n: p for n, p in model.named_parameters() if "inverted_conv.conv.lora_B" in n}
+    assert conv_b and all(p.abs().max() == 0 for p in conv_b.values())
+    ckpt = Path(train(config, model, SyntheticSource(n=2), tmp_path / "run")["checkpoint"])
+    assert all(p.abs().max() > 0 for p in conv_b.values())  # B starts at 0: only a gradient moves it
+    fresh = ACEStepTransformer2DModel.from_pretrained(tiny_transformer_dir)
+    load_lora(fresh, ckpt)
+    loaded, trained = adapter_deltas(fresh, OFFICIAL), trained_deltas(model, lora_settings(config))
+    assert any("inverted_conv" in m for m in loaded) and worst(loaded, trained) <= 1e-6
+    main(["lora-info", str(ckpt)])
+    assert "inverted_conv.conv" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ bad input
@@ -350,3 +375,24 @@ def test_bad_lora_files_are_one_line_errors(tiny_transformer_dir, tmp_path, caps
     assert "\n" not in str(exc.value)
     assert not getattr(model, "peft_config", None)  # nothing half-loaded
 
+
+
+def test_alpha_overrides_only_for_files_without_metadata(tiny_transformer_dir, tmp_path, capsys):
+    """--alpha/--rslora on a file that records its own scale (ours baked, official metadata, .alpha
+    tensors) would scale it twice: refused; on a bare file they must be a finite alpha > 0."""
+    _, _, _, ckpt = trained_run(tiny_transformer_dir, CASES["odd-fp32"], tmp_path / "run")
+    weights = checkpoint_lora_weights(ckpt)
+    modules = {k[: -len(".lora_A.weight")] for k in weights if k.endswith(".lora_A.weight")}
+    save_file(dict(weights, **{f"{m}.alpha": torch.tensor(6.0) for m in modules}), str(tmp_path / "kohya.safetensors"))
+    save_file(weights, str(tmp_path / "bare.safetensors"))
+    for src in (ckpt, ckpt / LORA_FILE, tmp_path / "kohya.safetensors"):
+        for argv in (["export-lora", str(src), "--out", str(tmp_path / "x"), "--alpha", "7", "--rslora"],
+                     ["lora-info", str(src), "--no-rslora"]):
+            err = _one_line_error(capsys, argv)
+            assert src.name in err and "only for files without metadata" in err, err
+    assert not (tmp_path / "x").exists()
+    for bad in ("0", "-1", "nan", "inf"):
+        err = _one_line_error(capsys, ["lora-info", str(tmp_path / "bare.safetensors"), "--alpha", bad])
+        assert "--alpha must be a finite number > 0" in err and "bare.safetensors" in err, err
+    assert inspect_lora(tmp_path / "bare.safetensors", alpha=7.0, use_rslora=True).trained.scale == pytest.approx(
+        7 / 6 ** 0.5)

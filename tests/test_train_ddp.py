@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     from pipeline import distributed
     from pipeline.train import load_transformer_for_training, train
-    from pipeline.train_state import lora_parameters
+    from pipeline.lora import lora_state_dict
     from test_train import SyntheticSource, tiny_config
 
     tiny_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
     model = load_transformer_for_training(tiny_dir, config, "cpu")
     if info.rank == 1:  # a different init on rank 1: DDP must broadcast rank 0's
         with torch.no_grad():
-            for p in lora_parameters(model).values():
+            for p in lora_state_dict(model).values():
                 p.add_(1.0)
     # validation on rank 0 only (the stage builds it there): a new best at steps 1 and 2, none at 3,
     # so every rank saves at step 1 and stops after step 3 (patience 1)
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
     summary = train(config, model, SyntheticSource(n=4, seed=10 + info.rank), out / f"run{info.rank}",
                     validation=validation)
     assert summary["step"] == 3 and summary["stopped"] == ("early stop" if info.rank == 0 else "stopped by another rank")
-    weights = {k: p.detach().contiguous() for k, p in lora_parameters(model).items()}
+    weights = {k: p.contiguous() for k, p in lora_state_dict(model).items()}
     save_file(weights, str(out / f"final_rank{info.rank}.safetensors"))
     print("rank", info.rank, "summary", summary, flush=True)
     distributed.cleanup()

@@ -41,7 +41,10 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if conv.kernel_size[0] == 1 and conv.groups == 1:
+        if hasattr(conv, "base_layer"):
+            # a LoRA target (peft wraps the conv): its own forward adds the LoRA, on [B, C, T]
+            x = conv(x.transpose(1, 2)).transpose(1, 2)
+        elif conv.kernel_size[0] == 1 and conv.groups == 1:
             x = F.linear(x, conv.weight.squeeze(-1), conv.bias)
         else:
             # [B, T, C] memory is [B, C, 1, T] in channels-last layout: no copy on the way in or out
