@@ -3,8 +3,8 @@
 #   1. checks for a CUDA GPU before anything else: without one it FAILS (exit 1, one line), never skips;
 #   2. installs the project (bash scripts/setup.sh, as the README says) unless GPU_CHECK_PYTHON names
 #      an environment that already has it;
-#   3. runs the CUDA-only tests (every test with "cuda" in its name; they skip on a CPU): a skip or a
-#      failure here fails the check;
+#   3. runs the CUDA-only tests (the ones marked `cuda`, pytest -m cuda; they skip on a CPU): a skip
+#      or a failure here fails the check;
 #   4. runs the full-size bench, 3-minute song, bf16-true, writing docs/benchmarks.{md,json}:
 #        r = 16, 64, 256 × floor / cached / live / paired, gradient checkpointing all;
 #        r = 64 × floor / cached / paired without checkpointing;
@@ -47,7 +47,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False DV
 # 3. The CUDA-only tests: each must run and pass here.
 say "CUDA-only tests"
 report=$(mktemp)
-"$PY" -m pytest -q -p no:cacheprovider -k cuda -rs --junitxml="$report" tests/ \
+"$PY" -m pytest -q -p no:cacheprovider -m cuda -rs --junitxml="$report" tests/ \
   || fail "CUDA-only tests failed (see above)."
 "$PY" - "$report" <<'EOF' || fail "CUDA-only tests were skipped on a CUDA machine (see above)."
 import sys
