@@ -1244,6 +1244,11 @@ def write_reports(results: dict, md_path: Path, json_path: Path) -> None:
         "",
         "## GPU table",
         "",
+        "`scripts/gpu_check.sh` options (see its header): `GPU_CHECK_PYTHON=/path/bin/python` uses a prepared",
+        "environment (offline machines: no `scripts/setup.sh`); `GPU_CHECK_PHASES=tests,bench,train` (bench is",
+        "bench-all, bench-none, bench-auto, bench-compiled) runs only those parts, so short GPU sessions can",
+        "split the check over one `GPU_CHECK_WORKDIR` (the feature build is reused).",
+        "",
     ]
     cuda_runs = [r for r in runs if r["device"] == "cuda"]
     if not any(r["size"] == "full" for r in cuda_runs):

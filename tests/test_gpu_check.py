@@ -70,3 +70,37 @@ def test_cuda_selection_is_the_cuda_marker(tmp_path):
     for name, case in cases.items():
         skipped = case.find("skipped")
         assert skipped is not None and "needs a CUDA device" in skipped.get("message", ""), name
+
+
+def _stand_ins(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in nvidia-smi listing a GPU and a stand-in interpreter that logs its arguments and
+    succeeds: what the script runs, in which order, without a GPU."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "calls.log"
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Stand-in GPU (UUID: GPU-0)'\n")
+    (fake / "python").write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    return fake, log
+
+
+def test_phases_run_only_the_chosen_parts_with_a_prepared_python(tmp_path):
+    fake, log = _stand_ins(tmp_path)
+    proc = _run(tmp_path, str(fake), GPU_CHECK_PYTHON=str(fake / "python"), GPU_CHECK_PHASES="bench-none,bench-auto")
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    benches = [c for c in calls if c.startswith("-m stages bench")]
+    assert len(benches) == 2 and "gradient_checkpointing=none" in benches[0] and "gradient_checkpointing=auto" in benches[1]
+    assert not any(c.startswith(("-m pytest", "-m stages train")) for c in calls)
+    assert not (tmp_path / ".venv").exists()  # GPU_CHECK_PYTHON: nothing installed
+    proc = _run(tmp_path, str(fake), GPU_CHECK_PYTHON=str(fake / "python"), GPU_CHECK_PHASES="tests")
+    assert proc.returncode == 0, proc.stderr
+    assert "-m pytest -q -p no:cacheprovider -m cuda" in log.read_text()
+
+
+def test_an_unknown_phase_fails_in_one_line(tmp_path):
+    proc = _run(tmp_path, GPU_CHECK_PHASES="tests,benchmark")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "gpu_check FAILED: GPU_CHECK_PHASES: unknown phase 'benchmark'" in proc.stderr
