@@ -215,10 +215,12 @@ def configs_from_models(models) -> dict[str, dict]:
 
 
 def compute_ratio(configs: dict[str, dict], seconds: float, rank: int = 64, text_tokens: int = 64,
-                  lyric_tokens: int = 300) -> dict:
-    """Encoder FLOPs per song vs transformer FLOPs per training step for one ``seconds`` song."""
+                  lyric_tokens: int = 300, encoders: dict | None = None) -> dict:
+    """Encoder FLOPs per song vs transformer FLOPs per training step for one ``seconds`` song.
+    ``encoders``: ``encoder_flops(configs, seconds)`` when already counted (it does not depend on
+    the rank; the step does, and is counted from the config here, without torch)."""
     tokens = math.ceil(seconds * 44100 / 4096)
-    enc = encoder_flops(configs, seconds)
+    enc = encoders or encoder_flops(configs, seconds)
     step = transformer_step_flops(configs["transformer"], tokens, text_tokens, lyric_tokens, rank)
     return {"seconds": seconds, "tokens": tokens, "encoders": enc, "transformer_step": step["step_flops"],
             "encoders_over_step": enc["total"] / step["step_flops"]}
@@ -429,18 +431,18 @@ def _child_prepare(spec: dict) -> dict:
     batch = next(iter(make_loader(project.paths.features, loader_settings)))
     shapes = dict(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
                   lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
-    lengths = dict(text_tokens=shapes["text_tokens"], lyric_tokens=shapes["lyric_tokens"])
     full = None
     if spec["size"] != "full":
         from pipeline.tiny.small import configs as size_configs
 
-        full = compute_ratio(size_configs("full"), spec["song_seconds"], spec["rank"], **lengths)
+        full = encoder_flops(size_configs("full"), spec["song_seconds"])
     return {"audio_seconds": audio_s, "decode_s": decode_s, "checkpoint_s": checkpoint_s, "streams": streams,
             "cache": measure_cache(project.paths.features), "shapes": shapes, "configs": configs,
             "loader_samples_per_s": loader_throughput(project.paths.features, loader_settings,
                                                       seconds=spec["loader_seconds"]),
-            "flop_ratio": compute_ratio(configs, spec["song_seconds"], spec["rank"], **lengths),
-            "flop_ratio_full_size": full, **host_memory()}
+            # encoder FLOPs only: the ratio to a training step depends on the LoRA rank (the parent's)
+            "encoder_flops": encoder_flops(configs, spec["song_seconds"]), "encoder_flops_full_size": full,
+            **host_memory()}
 
 
 def _param_bytes(model) -> dict:
@@ -779,23 +781,36 @@ def run_benchmark(settings: BenchSettings, echo=print) -> dict:
             "command": settings.command, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": probe["machine"], "parent": host_memory(), "prepare": prep, "cache": prep["cache"],
             "loader_samples_per_s": prep["loader_samples_per_s"], "rows": rows,
-            "flop_ratio": prep["flop_ratio"], "flop_ratio_full_size": prep["flop_ratio_full_size"],
+            **_flop_ratios(settings, prep),
         }
     finally:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
 
 
+def _flop_ratios(settings: BenchSettings, prep: dict) -> dict:
+    """Encoder FLOPs per song ÷ one training step at the first rank (this size and the full one)."""
+    from pipeline.tiny.small import configs as size_configs
+
+    lengths = dict(text_tokens=prep["shapes"]["text_tokens"], lyric_tokens=prep["shapes"]["lyric_tokens"])
+    full = prep["encoder_flops_full_size"]
+    return {"flop_ratio": compute_ratio(prep["configs"], settings.song_seconds, settings.ranks[0], **lengths,
+                                        encoders=prep["encoder_flops"]),
+            "flop_ratio_full_size": full and compute_ratio(size_configs("full"), settings.song_seconds,
+                                                           settings.ranks[0], **lengths, encoders=full)}
+
+
 def _prepare(settings: BenchSettings, base: dict, root: Path, ckpt: Path, echo) -> dict:
-    """The prepare child's result, reused from an earlier run in this workdir with the same inputs."""
-    tag = f"{settings.size}-{settings.songs}x{settings.song_seconds:g}s-{settings.device}-r{settings.ranks[0]}"
+    """The prepare child's result, reused from an earlier run in this workdir with the same inputs
+    (the checkpoint, songs and cache do not depend on the LoRA rank: every rank reuses them)."""
+    tag = f"{settings.size}-{settings.songs}x{settings.song_seconds:g}s-{settings.device}"
     kept = root / f"prepared-{tag}.json"
     if kept.is_file() and Path(base["project"]["paths"]["cache"]).is_dir():
         echo(f"  prepare: reusing {kept.name} (checkpoint, songs and feature cache of an earlier run)")
         return json.loads(kept.read_text())
     spec = {**base, "mode": "prepare", "size": settings.size, "songs": settings.songs, "song_seconds": settings.song_seconds,
             "checkpoint_root": str(ckpt), "num_workers": settings.num_workers, "seed": settings.seed,
-            "rank": settings.ranks[0], "loader_seconds": settings.loader_seconds}
+            "loader_seconds": settings.loader_seconds}
     prep = _run_child(spec, root, f"{settings.size}-prepare", echo)
     kept.write_text(json.dumps(prep, indent=1))
     return prep

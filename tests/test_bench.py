@@ -158,6 +158,31 @@ def test_out_of_memory_in_a_mode_is_one_line_and_recorded(tmp_path, monkeypatch)
     assert "recompute every block (--set gradient_checkpointing=true)" in lines[0] and "lower --rank (now 64)" in lines[0]
 
 
+def test_the_feature_build_is_shared_by_every_rank(tmp_path):
+    """The prepare child (all four encoders) runs once per workdir, whatever the rank: the checkpoint,
+    songs and cache do not depend on it. The FLOP ratio does, and is counted for each run's rank."""
+    calls = []
+
+    def child(spec, workdir, label, echo=print):
+        calls.append(spec)
+        return {"configs": configs("small"), "shapes": {"tokens": 1938, "text_tokens": 64, "lyric_tokens": 300},
+                "encoder_flops": {"total": 1e13}, "encoder_flops_full_size": {"total": 1e14}}
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    base = {"project": {"paths": {"cache": str(cache)}}}
+    ratios = []
+    for rank in (16, 256):
+        settings = bench.BenchSettings(size="small", ranks=(rank,))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(bench, "_run_child", child)
+            prep = bench._prepare(settings, base, tmp_path, tmp_path / "ckpt", lambda *_: None)
+        ratios.append(bench._flop_ratios(settings, prep))
+    assert len(calls) == 1 and "rank" not in calls[0]
+    small, big = (r["flop_ratio"]["transformer_step"] for r in ratios)
+    assert small < big and ratios[0]["flop_ratio_full_size"]["encoders_over_step"] > 0
+
+
 def test_demo_bench_parent_holds_no_model_and_reports_memory(tmp_path):
     """The demo size end to end, its parent in a fresh interpreter: it never imports torch or a model,
     every mode reports host memory next to the memory model, and (CI regression check, a ratio of
