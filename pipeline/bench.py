@@ -3,8 +3,9 @@
 On one machine, with one model size, song, seed and LoRA config, each mode runs in its own
 subprocess (so peak memory is per mode) and trains through the product's own ``pipeline.train.train``:
 
-  floor   one batch already on the device, fed again every step: the transformer's forward +
-          backward + optimizer step and nothing else (what any data path adds to)
+  floor   one batch read once, fed again every step and moved to the device by the step as a
+          cached batch is: the transformer's forward + backward + optimizer step and nothing else
+          (what reading and cropping the cache adds to)
   cached  batches from the Zarr feature cache through cache.loader.make_loader (the product)
   live    batches encoded on every step by pipeline.live.LiveSource: decode the audio, DCAE, MERT,
           mHuBERT and UMT5 (what the original trainers do)
@@ -275,7 +276,7 @@ class BenchSettings:
     modes: tuple[str, ...] = MODES
     songs: int = 1
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None  # cache loader workers; None: as `aceturbo train` (num_workers -1)
     train: dict = dataclasses.field(default_factory=dict)  # --set: TrainConfig settings for every row
     matrix: dict = dataclasses.field(default_factory=dict)  # --matrix: {name: [values]}, one row per combination
     seed: int = 42
@@ -427,7 +428,11 @@ def _child_prepare(spec: dict) -> dict:
                            "audio_s_per_s": audio_s / encode_s if encode_s > 0 else None, **params}
     configs = configs_from_models(project.models)
     speaker = configs["transformer"].get("speaker_embedding_dim", 512)
-    loader_settings = LoaderSettings(num_workers=spec["num_workers"], speaker_dim=speaker, seed=spec["seed"])
+    from pipeline.train_config import from_params
+
+    workers = from_params({} if spec["num_workers"] is None else {"num_workers": spec["num_workers"]}).loader_workers(
+        "cuda" if torch.cuda.is_available() and project.encode.device != "cpu" else "cpu")  # as training resolves it
+    loader_settings = LoaderSettings(num_workers=workers, speaker_dim=speaker, seed=spec["seed"])
     batch = next(iter(make_loader(project.paths.features, loader_settings)))
     shapes = dict(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
                   lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
@@ -437,7 +442,7 @@ def _child_prepare(spec: dict) -> dict:
 
         full = encoder_flops(size_configs("full"), spec["song_seconds"])
     return {"audio_seconds": audio_s, "decode_s": decode_s, "checkpoint_s": checkpoint_s, "streams": streams,
-            "cache": measure_cache(project.paths.features), "shapes": shapes, "configs": configs,
+            "cache": measure_cache(project.paths.features), "shapes": shapes, "configs": configs, "loader_workers": workers,
             "loader_samples_per_s": loader_throughput(project.paths.features, loader_settings,
                                                       seconds=spec["loader_seconds"]),
             # encoder FLOPs only: the ratio to a training step depends on the LoRA rank (the parent's)
@@ -455,7 +460,7 @@ def _param_bytes(model) -> dict:
 
 
 class _Alternate:
-    """paired mode: the fixed device batch, then a cache batch, then the fixed one again, ... so the
+    """paired mode: the fixed batch, then a cache batch, then the fixed one again, ... so the
     floor and cached steps interleave in one process and share whatever load the machine has."""
 
     def __init__(self, loader, batch: dict):
@@ -469,7 +474,9 @@ class _Alternate:
 
 
 class _Repeat:
-    """The same (device-resident) batch forever: the floor mode's batch source."""
+    """The same batch forever: the floor mode's batch source. It stays on the CPU as the loader
+    yields it (pinned on CUDA), so each floor step moves and reads it exactly as a cached step does:
+    the same masks read on the CPU, the same copy, only the reading and cropping is gone."""
 
     def __init__(self, batch: dict):
         self.batch = batch
@@ -481,16 +488,22 @@ class _Repeat:
 
 class _Shapes:
     """Passes batches through, recording the first one's sizes (tokens, text and lyric lengths) into
-    ``shapes`` for the FLOP count; forwards the position so train() checkpoints it as usual."""
+    ``shapes`` for the FLOP count, as the model computes on them: compiled (``bucket_seconds`` =
+    max_seconds), after the step's shape bucketing. Forwards the position so train() checkpoints it
+    as usual."""
 
-    def __init__(self, inner, shapes: dict):
-        self.inner, self.shapes = inner, shapes
+    def __init__(self, inner, shapes: dict, bucket_seconds: float | None = None):
+        self.inner, self.shapes, self.bucket_seconds = inner, shapes, bucket_seconds
 
     def __iter__(self):
+        from cache.collate import bucket_shape
+
         for batch in self.inner:
             if not self.shapes:
-                self.shapes.update(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
-                                   lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
+                tokens, lyrics = (bucket_shape(batch, self.bucket_seconds) if self.bucket_seconds is not None
+                                  else (batch["latents"].shape[-1], batch["lyric_ids"].shape[1]))
+                self.shapes.update(tokens=int(tokens), text_tokens=int(batch["text_states"].shape[1]),
+                                   lyric_tokens=int(lyrics), batch=int(batch["latents"].shape[0]))
             yield batch
 
     def state_dict(self):
@@ -513,8 +526,8 @@ def _child_train(spec: dict) -> dict:
     metrics.jsonl; host and device memory at start, after the model load and at the end."""
     import torch
 
-    from cache.loader import LoaderSettings, make_loader
-    from pipeline.train import PRECISION_DTYPES, batch_to_device, load_transformer_for_training, train
+    from cache.loader import make_loader
+    from pipeline.train import load_transformer_for_training, loader_settings, train
     from pipeline.train_config import from_params
     from pipeline.train_guard import is_out_of_memory
 
@@ -527,8 +540,8 @@ def _child_train(spec: dict) -> dict:
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if config.device == "auto" else config.device))
     result["device"] = str(device)
-    settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
-                              num_workers=spec.get("num_workers", 0), speaker_dim=speaker_dim)
+    settings = loader_settings(config, device, speaker_dim)  # as `aceturbo train` reads the cache
+    result["loader_workers"] = settings.num_workers
     encoders_bytes = 0
     if mode == "live":
         from pipeline.dataset import read_manifest
@@ -544,7 +557,7 @@ def _child_train(spec: dict) -> dict:
         if mode == "cached":
             batches = loader
         else:
-            first = batch_to_device(next(iter(loader)), device, PRECISION_DTYPES[config.precision])
+            first = next(iter(loader))  # on the CPU: train_step moves it, as it moves a cached batch
             batches = _Alternate(make_loader(project.paths.features, settings), first) if mode == "paired" \
                 else _Repeat(first)
             del loader
@@ -558,7 +571,8 @@ def _child_train(spec: dict) -> dict:
         result["transformer_params"] = sum(p.numel() for p in transformer.parameters())
         result["trainable_params"] = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
         result["encoders_param_bytes"] = encoders_bytes
-        summary = train(config, transformer, _Shapes(batches, shapes), run_dir)
+        summary = train(config, transformer, _Shapes(batches, shapes, config.max_seconds if config.compile else None),
+                        run_dir)
     except Exception as exc:  # a measurement: "does not fit" is a result, reported in one line
         if not is_out_of_memory(exc):
             raise
@@ -776,7 +790,7 @@ def run_benchmark(settings: BenchSettings, echo=print) -> dict:
         return {
             "key": run_key(settings, cuda), "size": settings.size, "song_seconds": settings.song_seconds,
             "songs": settings.songs, "precision": settings.precision, "steps": settings.steps,
-            "warmup": settings.warmup, "device": "cuda" if cuda else "cpu", "num_workers": settings.num_workers,
+            "warmup": settings.warmup, "device": "cuda" if cuda else "cpu", "num_workers": prep["loader_workers"],
             "train": settings.train, "matrix": settings.matrix, "seed": settings.seed,
             "command": settings.command, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": probe["machine"], "parent": host_memory(), "prepare": prep, "cache": prep["cache"],
@@ -827,11 +841,11 @@ def _run_modes(settings: BenchSettings, row: dict, base: dict, root: Path, echo)
         run_dir = root / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         pairs = 2 if mode == "paired" else 1
-        train = {**row["train"], "max_steps": pairs * (settings.warmup + settings.steps), "save_every": 0,
+        workers = {} if settings.num_workers is None else {"num_workers": settings.num_workers}
+        train = {**row["train"], **workers, "max_steps": pairs * (settings.warmup + settings.steps), "save_every": 0,
                  "keep_last": 1, "seed": settings.seed, "device": settings.device, "warmup_steps": 1,
                  "log_plot_every": 10**6, "experiment": "bench"}
-        spec = {**base, "mode": mode, "train": train, "warmup": settings.warmup, "run_dir": str(run_dir),
-                "num_workers": settings.num_workers}
+        spec = {**base, "mode": mode, "train": train, "warmup": settings.warmup, "run_dir": str(run_dir)}
         result = _run_child(spec, root, name, echo)
         if result.get("error") == "out_of_memory":
             est = estimate_training_memory(_transformer_config(base), settings.song_seconds, rank=row["rank"],
@@ -1235,8 +1249,8 @@ def write_reports(results: dict, md_path: Path, json_path: Path) -> None:
         "Written by `aceturbo bench` (pipeline/bench.py); every number below comes from the run it is listed",
         "under. Modes, each in its own subprocess, all through the product's `pipeline.train.train`:",
         "",
-        "- **floor**: one batch already on the device, fed again every step — the transformer's forward +",
-        "  backward + AdamW step alone, what any data path adds to;",
+        "- **floor**: one batch read once and fed again every step (the step moves it to the device, as a cached",
+        "  batch) — the transformer's forward + backward + AdamW step alone, what any data path adds to;",
         "- **cached**: batches from the Zarr feature cache (`cache.loader.make_loader`) — the product;",
         "- **paired**: floor and cached steps alternating in ONE process (fixed batch, cache batch, ...), so",
         "  both share the same machine load; its cached ÷ floor is the robust one on a shared machine;",

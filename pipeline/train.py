@@ -736,6 +736,18 @@ def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, 
             "sec_per_step": round(seconds, 6), "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
 
 
+def loader_settings(config: TrainConfig, device: torch.device, speaker_dim: int, **extra):
+    """The cache loader's settings for training with ``config`` on ``device`` (``aceturbo train`` and
+    the bench's cached modes): worker processes as ``num_workers`` resolves for the device, pinned
+    batches on CUDA (batch_to_device's copies then do not block the host). ``extra``: further
+    LoaderSettings fields (e.g. the expected encoder fingerprints)."""
+    from cache.loader import LoaderSettings
+
+    return LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
+                          num_workers=config.loader_workers(device.type), pin_memory=device.type == "cuda",
+                          speaker_dim=speaker_dim, **extra)
+
+
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Floats to the training dtype, integers (ids, text/lyric masks) kept, on `device`. To a GPU the
     copies come from pinned memory and do not block the host (the cast happens on the device). A
