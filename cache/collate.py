@@ -144,14 +144,22 @@ def condition_bucket(tokens: int) -> int:
     return math.ceil(2 ** (j / CONDITION_BUCKETS_PER_OCTAVE))
 
 
+def bucket_shape(batch: dict, max_seconds: float) -> tuple[int, int]:
+    """(latent frames, lyric tokens) of ``batch`` once ``bucket_batch`` has cut it: the sizes the
+    compiled model computes on (no randomness: only the windows' starts are drawn)."""
+    shortest = int(batch["latent_mask"].sum(dim=1, dtype=torch.long).min())  # a bf16 sum rounds (1938 → 1936)
+    prompt, lyrics = batch["text_states"].shape[1], batch["lyric_ids"].shape[1]
+    return latent_bucket(shortest, max_frames(max_seconds)), condition_bucket(1 + prompt + lyrics) - 1 - prompt
+
+
 def bucket_batch(batch: dict, generator: torch.Generator, max_seconds: float) -> dict:
     """``batch`` in shape buckets (a new dict): every sample cut to a random window of the latent
     bucket of the shortest one (SSL targets cut to the same time span) and the lyrics padded so that
     speaker + prompt + lyrics is a condition bucket long. Exact: nothing is padded along the latent
     time axis, and padded lyric tokens are masked out of every attention. The window starts are drawn
     from ``generator``."""
-    lengths = batch["latent_mask"].sum(dim=1).long().tolist()
-    frames = latent_bucket(min(lengths), max_frames(max_seconds))
+    lengths = batch["latent_mask"].sum(dim=1, dtype=torch.long).tolist()
+    frames, lyric_tokens = bucket_shape(batch, max_seconds)
     out = dict(batch)
     if frames != batch["latents"].shape[-1] or min(lengths) != max(lengths):
         starts = [int(torch.randint(0, length - frames + 1, (), generator=generator)) for length in lengths]
@@ -161,8 +169,7 @@ def bucket_batch(batch: dict, generator: torch.Generator, max_seconds: float) ->
             if batch.get(name) is not None:
                 out[name] = [None if x is None else _cut_ssl(x, s / LATENT_RATE, (s + frames) / LATENT_RATE, rate)
                              for x, s in zip(batch[name], starts)]
-    prompt, lyrics = batch["text_states"].shape[1], batch["lyric_ids"].shape[1]
-    pad = condition_bucket(1 + prompt + lyrics) - (1 + prompt + lyrics)
+    pad = lyric_tokens - batch["lyric_ids"].shape[1]
     if pad:
         out["lyric_ids"] = torch.nn.functional.pad(batch["lyric_ids"], (0, pad))
         out["lyric_mask"] = torch.nn.functional.pad(batch["lyric_mask"], (0, pad))

@@ -3,8 +3,9 @@
 On one machine, with one model size, song, seed and LoRA config, each mode runs in its own
 subprocess (so peak memory is per mode) and trains through the product's own ``pipeline.train.train``:
 
-  floor   one batch already on the device, fed again every step: the transformer's forward +
-          backward + optimizer step and nothing else (what any data path adds to)
+  floor   one batch read once, fed again every step and moved to the device by the step as a
+          cached batch is: the transformer's forward + backward + optimizer step and nothing else
+          (what reading and cropping the cache adds to)
   cached  batches from the Zarr feature cache through cache.loader.make_loader (the product)
   live    batches encoded on every step by pipeline.live.LiveSource: decode the audio, DCAE, MERT,
           mHuBERT and UMT5 (what the original trainers do)
@@ -215,10 +216,12 @@ def configs_from_models(models) -> dict[str, dict]:
 
 
 def compute_ratio(configs: dict[str, dict], seconds: float, rank: int = 64, text_tokens: int = 64,
-                  lyric_tokens: int = 300) -> dict:
-    """Encoder FLOPs per song vs transformer FLOPs per training step for one ``seconds`` song."""
+                  lyric_tokens: int = 300, encoders: dict | None = None) -> dict:
+    """Encoder FLOPs per song vs transformer FLOPs per training step for one ``seconds`` song.
+    ``encoders``: ``encoder_flops(configs, seconds)`` when already counted (it does not depend on
+    the rank; the step does, and is counted from the config here, without torch)."""
     tokens = math.ceil(seconds * 44100 / 4096)
-    enc = encoder_flops(configs, seconds)
+    enc = encoders or encoder_flops(configs, seconds)
     step = transformer_step_flops(configs["transformer"], tokens, text_tokens, lyric_tokens, rank)
     return {"seconds": seconds, "tokens": tokens, "encoders": enc, "transformer_step": step["step_flops"],
             "encoders_over_step": enc["total"] / step["step_flops"]}
@@ -273,7 +276,7 @@ class BenchSettings:
     modes: tuple[str, ...] = MODES
     songs: int = 1
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None  # cache loader workers; None: as `aceturbo train` (num_workers -1)
     train: dict = dataclasses.field(default_factory=dict)  # --set: TrainConfig settings for every row
     matrix: dict = dataclasses.field(default_factory=dict)  # --matrix: {name: [values]}, one row per combination
     seed: int = 42
@@ -425,22 +428,26 @@ def _child_prepare(spec: dict) -> dict:
                            "audio_s_per_s": audio_s / encode_s if encode_s > 0 else None, **params}
     configs = configs_from_models(project.models)
     speaker = configs["transformer"].get("speaker_embedding_dim", 512)
-    loader_settings = LoaderSettings(num_workers=spec["num_workers"], speaker_dim=speaker, seed=spec["seed"])
+    from pipeline.train_config import from_params
+
+    workers = from_params({} if spec["num_workers"] is None else {"num_workers": spec["num_workers"]}).loader_workers(
+        "cuda" if torch.cuda.is_available() and project.encode.device != "cpu" else "cpu")  # as training resolves it
+    loader_settings = LoaderSettings(num_workers=workers, speaker_dim=speaker, seed=spec["seed"])
     batch = next(iter(make_loader(project.paths.features, loader_settings)))
     shapes = dict(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
                   lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
-    lengths = dict(text_tokens=shapes["text_tokens"], lyric_tokens=shapes["lyric_tokens"])
     full = None
     if spec["size"] != "full":
         from pipeline.tiny.small import configs as size_configs
 
-        full = compute_ratio(size_configs("full"), spec["song_seconds"], spec["rank"], **lengths)
+        full = encoder_flops(size_configs("full"), spec["song_seconds"])
     return {"audio_seconds": audio_s, "decode_s": decode_s, "checkpoint_s": checkpoint_s, "streams": streams,
-            "cache": measure_cache(project.paths.features), "shapes": shapes, "configs": configs,
+            "cache": measure_cache(project.paths.features), "shapes": shapes, "configs": configs, "loader_workers": workers,
             "loader_samples_per_s": loader_throughput(project.paths.features, loader_settings,
                                                       seconds=spec["loader_seconds"]),
-            "flop_ratio": compute_ratio(configs, spec["song_seconds"], spec["rank"], **lengths),
-            "flop_ratio_full_size": full, **host_memory()}
+            # encoder FLOPs only: the ratio to a training step depends on the LoRA rank (the parent's)
+            "encoder_flops": encoder_flops(configs, spec["song_seconds"]), "encoder_flops_full_size": full,
+            **host_memory()}
 
 
 def _param_bytes(model) -> dict:
@@ -453,7 +460,7 @@ def _param_bytes(model) -> dict:
 
 
 class _Alternate:
-    """paired mode: the fixed device batch, then a cache batch, then the fixed one again, ... so the
+    """paired mode: the fixed batch, then a cache batch, then the fixed one again, ... so the
     floor and cached steps interleave in one process and share whatever load the machine has."""
 
     def __init__(self, loader, batch: dict):
@@ -467,7 +474,9 @@ class _Alternate:
 
 
 class _Repeat:
-    """The same (device-resident) batch forever: the floor mode's batch source."""
+    """The same batch forever: the floor mode's batch source. It stays on the CPU as the loader
+    yields it (pinned on CUDA), so each floor step moves and reads it exactly as a cached step does:
+    the same masks read on the CPU, the same copy, only the reading and cropping is gone."""
 
     def __init__(self, batch: dict):
         self.batch = batch
@@ -479,16 +488,22 @@ class _Repeat:
 
 class _Shapes:
     """Passes batches through, recording the first one's sizes (tokens, text and lyric lengths) into
-    ``shapes`` for the FLOP count; forwards the position so train() checkpoints it as usual."""
+    ``shapes`` for the FLOP count, as the model computes on them: compiled (``bucket_seconds`` =
+    max_seconds), after the step's shape bucketing. Forwards the position so train() checkpoints it
+    as usual."""
 
-    def __init__(self, inner, shapes: dict):
-        self.inner, self.shapes = inner, shapes
+    def __init__(self, inner, shapes: dict, bucket_seconds: float | None = None):
+        self.inner, self.shapes, self.bucket_seconds = inner, shapes, bucket_seconds
 
     def __iter__(self):
+        from cache.collate import bucket_shape
+
         for batch in self.inner:
             if not self.shapes:
-                self.shapes.update(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
-                                   lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
+                tokens, lyrics = (bucket_shape(batch, self.bucket_seconds) if self.bucket_seconds is not None
+                                  else (batch["latents"].shape[-1], batch["lyric_ids"].shape[1]))
+                self.shapes.update(tokens=int(tokens), text_tokens=int(batch["text_states"].shape[1]),
+                                   lyric_tokens=int(lyrics), batch=int(batch["latents"].shape[0]))
             yield batch
 
     def state_dict(self):
@@ -511,8 +526,8 @@ def _child_train(spec: dict) -> dict:
     metrics.jsonl; host and device memory at start, after the model load and at the end."""
     import torch
 
-    from cache.loader import LoaderSettings, make_loader
-    from pipeline.train import PRECISION_DTYPES, batch_to_device, load_transformer_for_training, train
+    from cache.loader import make_loader
+    from pipeline.train import load_transformer_for_training, loader_settings, train
     from pipeline.train_config import from_params
     from pipeline.train_guard import is_out_of_memory
 
@@ -525,8 +540,8 @@ def _child_train(spec: dict) -> dict:
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if config.device == "auto" else config.device))
     result["device"] = str(device)
-    settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
-                              num_workers=spec.get("num_workers", 0), speaker_dim=speaker_dim)
+    settings = loader_settings(config, device, speaker_dim)  # as `aceturbo train` reads the cache
+    result["loader_workers"] = settings.num_workers
     encoders_bytes = 0
     if mode == "live":
         from pipeline.dataset import read_manifest
@@ -542,7 +557,7 @@ def _child_train(spec: dict) -> dict:
         if mode == "cached":
             batches = loader
         else:
-            first = batch_to_device(next(iter(loader)), device, PRECISION_DTYPES[config.precision])
+            first = next(iter(loader))  # on the CPU: train_step moves it, as it moves a cached batch
             batches = _Alternate(make_loader(project.paths.features, settings), first) if mode == "paired" \
                 else _Repeat(first)
             del loader
@@ -556,7 +571,8 @@ def _child_train(spec: dict) -> dict:
         result["transformer_params"] = sum(p.numel() for p in transformer.parameters())
         result["trainable_params"] = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
         result["encoders_param_bytes"] = encoders_bytes
-        summary = train(config, transformer, _Shapes(batches, shapes), run_dir)
+        summary = train(config, transformer, _Shapes(batches, shapes, config.max_seconds if config.compile else None),
+                        run_dir)
     except Exception as exc:  # a measurement: "does not fit" is a result, reported in one line
         if not is_out_of_memory(exc):
             raise
@@ -774,28 +790,41 @@ def run_benchmark(settings: BenchSettings, echo=print) -> dict:
         return {
             "key": run_key(settings, cuda), "size": settings.size, "song_seconds": settings.song_seconds,
             "songs": settings.songs, "precision": settings.precision, "steps": settings.steps,
-            "warmup": settings.warmup, "device": "cuda" if cuda else "cpu", "num_workers": settings.num_workers,
+            "warmup": settings.warmup, "device": "cuda" if cuda else "cpu", "num_workers": prep["loader_workers"],
             "train": settings.train, "matrix": settings.matrix, "seed": settings.seed,
             "command": settings.command, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": probe["machine"], "parent": host_memory(), "prepare": prep, "cache": prep["cache"],
             "loader_samples_per_s": prep["loader_samples_per_s"], "rows": rows,
-            "flop_ratio": prep["flop_ratio"], "flop_ratio_full_size": prep["flop_ratio_full_size"],
+            **_flop_ratios(settings, prep),
         }
     finally:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
 
 
+def _flop_ratios(settings: BenchSettings, prep: dict) -> dict:
+    """Encoder FLOPs per song ÷ one training step at the first rank (this size and the full one)."""
+    from pipeline.tiny.small import configs as size_configs
+
+    lengths = dict(text_tokens=prep["shapes"]["text_tokens"], lyric_tokens=prep["shapes"]["lyric_tokens"])
+    full = prep["encoder_flops_full_size"]
+    return {"flop_ratio": compute_ratio(prep["configs"], settings.song_seconds, settings.ranks[0], **lengths,
+                                        encoders=prep["encoder_flops"]),
+            "flop_ratio_full_size": full and compute_ratio(size_configs("full"), settings.song_seconds,
+                                                           settings.ranks[0], **lengths, encoders=full)}
+
+
 def _prepare(settings: BenchSettings, base: dict, root: Path, ckpt: Path, echo) -> dict:
-    """The prepare child's result, reused from an earlier run in this workdir with the same inputs."""
-    tag = f"{settings.size}-{settings.songs}x{settings.song_seconds:g}s-{settings.device}-r{settings.ranks[0]}"
+    """The prepare child's result, reused from an earlier run in this workdir with the same inputs
+    (the checkpoint, songs and cache do not depend on the LoRA rank: every rank reuses them)."""
+    tag = f"{settings.size}-{settings.songs}x{settings.song_seconds:g}s-{settings.device}"
     kept = root / f"prepared-{tag}.json"
     if kept.is_file() and Path(base["project"]["paths"]["cache"]).is_dir():
         echo(f"  prepare: reusing {kept.name} (checkpoint, songs and feature cache of an earlier run)")
         return json.loads(kept.read_text())
     spec = {**base, "mode": "prepare", "size": settings.size, "songs": settings.songs, "song_seconds": settings.song_seconds,
             "checkpoint_root": str(ckpt), "num_workers": settings.num_workers, "seed": settings.seed,
-            "rank": settings.ranks[0], "loader_seconds": settings.loader_seconds}
+            "loader_seconds": settings.loader_seconds}
     prep = _run_child(spec, root, f"{settings.size}-prepare", echo)
     kept.write_text(json.dumps(prep, indent=1))
     return prep
@@ -812,11 +841,11 @@ def _run_modes(settings: BenchSettings, row: dict, base: dict, root: Path, echo)
         run_dir = root / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         pairs = 2 if mode == "paired" else 1
-        train = {**row["train"], "max_steps": pairs * (settings.warmup + settings.steps), "save_every": 0,
+        workers = {} if settings.num_workers is None else {"num_workers": settings.num_workers}
+        train = {**row["train"], **workers, "max_steps": pairs * (settings.warmup + settings.steps), "save_every": 0,
                  "keep_last": 1, "seed": settings.seed, "device": settings.device, "warmup_steps": 1,
                  "log_plot_every": 10**6, "experiment": "bench"}
-        spec = {**base, "mode": mode, "train": train, "warmup": settings.warmup, "run_dir": str(run_dir),
-                "num_workers": settings.num_workers}
+        spec = {**base, "mode": mode, "train": train, "warmup": settings.warmup, "run_dir": str(run_dir)}
         result = _run_child(spec, root, name, echo)
         if result.get("error") == "out_of_memory":
             est = estimate_training_memory(_transformer_config(base), settings.song_seconds, rank=row["rank"],
@@ -1220,8 +1249,8 @@ def write_reports(results: dict, md_path: Path, json_path: Path) -> None:
         "Written by `aceturbo bench` (pipeline/bench.py); every number below comes from the run it is listed",
         "under. Modes, each in its own subprocess, all through the product's `pipeline.train.train`:",
         "",
-        "- **floor**: one batch already on the device, fed again every step — the transformer's forward +",
-        "  backward + AdamW step alone, what any data path adds to;",
+        "- **floor**: one batch read once and fed again every step (the step moves it to the device, as a cached",
+        "  batch) — the transformer's forward + backward + AdamW step alone, what any data path adds to;",
         "- **cached**: batches from the Zarr feature cache (`cache.loader.make_loader`) — the product;",
         "- **paired**: floor and cached steps alternating in ONE process (fixed batch, cache batch, ...), so",
         "  both share the same machine load; its cached ÷ floor is the robust one on a shared machine;",
@@ -1243,6 +1272,11 @@ def write_reports(results: dict, md_path: Path, json_path: Path) -> None:
         "encoders' weights; cached memory ≤ floor + 5 %; r=64 with checkpointing in ≤ 12 GiB of device memory.",
         "",
         "## GPU table",
+        "",
+        "`scripts/gpu_check.sh` options (see its header): `GPU_CHECK_PYTHON=/path/bin/python` uses a prepared",
+        "environment (offline machines: no `scripts/setup.sh`); `GPU_CHECK_PHASES=tests,bench,train` (bench is",
+        "bench-all, bench-none, bench-auto, bench-compiled) runs only those parts, so short GPU sessions can",
+        "split the check over one `GPU_CHECK_WORKDIR` (the feature build is reused).",
         "",
     ]
     cuda_runs = [r for r in runs if r["device"] == "cuda"]

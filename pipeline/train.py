@@ -250,20 +250,24 @@ def compute_loss(model, batch: dict, generator: torch.Generator, sigmas: torch.T
     noise = torch.randn(batch["latents"].shape, generator=generator, dtype=torch.float32)
     sigma = sample_sigmas(batch["latents"].shape[0], generator, sigmas,
                           logit_mean=config.logit_mean, logit_std=config.logit_std)
-    return forward_loss(model, batch, noise, sigma, config, device, dtype)
+    return forward_loss(model, batch, noise, sigma, config, device, dtype, compiled=config.compile)
 
 
 def forward_loss(model, batch: dict, noise: torch.Tensor, sigma: torch.Tensor, config: TrainConfig,
-                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 device: torch.device, dtype: torch.dtype, compiled: bool = False
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one batch at the given noise ε and σ [B]: x_t, forward, losses (no randomness;
-    compute_loss and the validation loss share it). ``noise`` and ``sigma`` may be on the CPU."""
+    compute_loss and the validation loss share it). ``noise`` and ``sigma`` may be on the CPU.
+    ``compiled``: the forward runs the compiled blocks (a training step of a compile run), not
+    eagerly (validation and previews run eagerly even then)."""
     noise, sigma = _to_device_together(noise, sigma, device=device)  # fp32; σ and 1000σ stay fp32
     # Nothing padded (read on the CPU: no sync): the model skips that mask. Latent frames never are
     # (the loaders crop a batch to equal lengths); prompt and lyrics at batch 1 mostly not, and then
     # the cross-attention runs unmasked (flash kernels). Compiled, a mask is always passed: a graph
-    # with and one without would double the compiles, and the buckets pad the lyrics anyway.
+    # with and one without would double the compiles, and the buckets pad the lyrics anyway; run
+    # eagerly (validation), nothing is compiled and the rule is the uncompiled one.
     frames_unpadded = _all_ones(batch["latent_mask"])
-    tokens_unpadded = not config.compile and _all_ones(batch["text_mask"]) and _all_ones(batch["lyric_mask"])
+    tokens_unpadded = not compiled and _all_ones(batch["text_mask"]) and _all_ones(batch["lyric_mask"])
     b = batch_to_device(batch, device, dtype)
     x0 = b["latents"]
     x_t = noisy_latents(x0, noise.to(dtype), sigma)
@@ -730,6 +734,18 @@ def _record(loop: LoopState, record: dict, seconds: float, config: TrainConfig, 
     return {"step": loop.step, "epoch": loop.epoch, **{k: record[k] for k in LOSS_KEYS}, "lr": record["lr"],
             "grad_norm": record["grad_norm"], "lora_norm": record["lora_norm"], "update_ratio": record["update_ratio"],
             "sec_per_step": round(seconds, 6), "samples_per_s": round(samples / seconds, 4) if seconds > 0 else None}
+
+
+def loader_settings(config: TrainConfig, device: torch.device, speaker_dim: int, **extra):
+    """The cache loader's settings for training with ``config`` on ``device`` (``aceturbo train`` and
+    the bench's cached modes): worker processes as ``num_workers`` resolves for the device, pinned
+    batches on CUDA (batch_to_device's copies then do not block the host). ``extra``: further
+    LoaderSettings fields (e.g. the expected encoder fingerprints)."""
+    from cache.loader import LoaderSettings
+
+    return LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
+                          num_workers=config.loader_workers(device.type), pin_memory=device.type == "cuda",
+                          speaker_dim=speaker_dim, **extra)
 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:

@@ -39,8 +39,8 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--modes", default="floor,cached,live,paired", show_default=True, help="Which modes to run.")
 @click.option("--songs", type=click.IntRange(min=1), default=1, show_default=True, help="Songs in the dataset.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Cache loader worker processes.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None,
+              help="Cache loader worker processes (default: as `aceturbo train`, 2 on CUDA, 0 on the CPU).")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
               help="A train setting for every row (any `aceturbo train` setting, e.g. gradient_checkpointing=false); "
                    "repeat for several.")

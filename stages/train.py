@@ -373,14 +373,12 @@ def make_data(config: TrainConfig, project, transformer_dir: Path, cache_dir: st
         batches = make_live_source(project=project, config=config, speaker_dim=speaker_dim, keys=split.train)
         read_song = lambda key: batches.features(songs[key])  # noqa: E731
     else:
-        from cache.loader import LoaderSettings, make_loader
+        from cache.loader import make_loader
+        from pipeline.train import loader_settings
 
         folder = cache_dir or project.paths.features  # a folder or an fsspec URL
         # make_loader runs cache.fingerprint.check_cache with these: a cache made by other encoders is refused
-        settings = LoaderSettings(batch_size=config.batch_size, max_seconds=config.max_seconds, seed=config.seed,
-                                  num_workers=config.loader_workers(device.type),
-                                  pin_memory=device.type == "cuda", speaker_dim=speaker_dim,
-                                  expected_fingerprints=expected_fingerprints(project))
+        settings = loader_settings(config, device, speaker_dim, expected_fingerprints=expected_fingerprints(project))
         batches = make_loader(folder, settings)
         split = split_songs(batches.keys, config.val_songs, config.val_max_songs,
                             batches.index.content_hashes("latents"))

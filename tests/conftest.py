@@ -34,3 +34,19 @@ def golden():
 @pytest.fixture
 def spec():
     return shared_path("spec")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``cuda`` (pyproject's markers) needs a CUDA device and skips without one, saying
+    so. The marker is what scripts/gpu_check.sh selects (``-m cuda``) and requires to run: a name
+    match would also pick tests that are about CUDA but skip where it exists."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch  # only when a CUDA test is collected
+
+    if torch.cuda.is_available():
+        return
+    for item in marked:
+        why = " ".join(map(str, item.get_closest_marker("cuda").args))
+        item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device ({why})" if why else "needs a CUDA device"))

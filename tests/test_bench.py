@@ -158,6 +158,48 @@ def test_out_of_memory_in_a_mode_is_one_line_and_recorded(tmp_path, monkeypatch)
     assert "recompute every block (--set gradient_checkpointing=true)" in lines[0] and "lower --rank (now 64)" in lines[0]
 
 
+def test_the_feature_build_is_shared_by_every_rank(tmp_path):
+    """The prepare child (all four encoders) runs once per workdir, whatever the rank: the checkpoint,
+    songs and cache do not depend on it. The FLOP ratio does, and is counted for each run's rank."""
+    calls = []
+
+    def child(spec, workdir, label, echo=print):
+        calls.append(spec)
+        return {"configs": configs("small"), "shapes": {"tokens": 1938, "text_tokens": 64, "lyric_tokens": 300},
+                "encoder_flops": {"total": 1e13}, "encoder_flops_full_size": {"total": 1e14}}
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    base = {"project": {"paths": {"cache": str(cache)}}}
+    ratios = []
+    for rank in (16, 256):
+        settings = bench.BenchSettings(size="small", ranks=(rank,))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(bench, "_run_child", child)
+            prep = bench._prepare(settings, base, tmp_path, tmp_path / "ckpt", lambda *_: None)
+        ratios.append(bench._flop_ratios(settings, prep))
+    assert len(calls) == 1 and "rank" not in calls[0]
+    small, big = (r["flop_ratio"]["transformer_step"] for r in ratios)
+    assert small < big and ratios[0]["flop_ratio_full_size"]["encoders_over_step"] > 0
+
+
+def test_compiled_rows_count_the_bucketed_shapes():
+    """Compiled, a 3-minute song (1938 frames) is cut to its shape bucket and the lyrics padded: the
+    FLOPs are for the tokens the model computes on, the sizes bucket_batch gives."""
+    from cache.collate import bucket_batch
+
+    batch = {"latents": torch.zeros(1, 8, 16, 1938, dtype=torch.bfloat16),
+             "latent_mask": torch.ones(1, 1938, dtype=torch.bfloat16),  # a bf16 sum would say 1936
+             "text_states": torch.zeros(1, 64, 8), "text_mask": torch.ones(1, 64, dtype=torch.long),
+             "lyric_ids": torch.zeros(1, 300, dtype=torch.long), "lyric_mask": torch.ones(1, 300, dtype=torch.long)}
+    cut = bucket_batch(batch, torch.Generator().manual_seed(0), 240.0)
+    shapes, eager = {}, {}
+    assert list(bench._Shapes([batch], shapes, 240.0)) == [batch] and list(bench._Shapes([batch], eager)) == [batch]
+    assert (shapes["tokens"], shapes["lyric_tokens"]) == (cut["latents"].shape[-1], cut["lyric_ids"].shape[1])
+    assert shapes["tokens"] < 1938 and shapes["lyric_tokens"] > 300 and shapes["text_tokens"] == 64
+    assert (eager["tokens"], eager["lyric_tokens"]) == (1938, 300)
+
+
 def test_demo_bench_parent_holds_no_model_and_reports_memory(tmp_path):
     """The demo size end to end, its parent in a fresh interpreter: it never imports torch or a model,
     every mode reports host memory next to the memory model, and (CI regression check, a ratio of
@@ -195,6 +237,8 @@ json.dump({{"record": record, "heavy": heavy}}, open({str(out)!r}, "w"))
         assert m["after_load"]["rss_mb"] > 0 and m["training_peak_rss_mb"] > 0
     assert len(modes["paired"]["step_times"]) == 8 and row["paired_cached_over_floor"] > 0
     assert modes["live"]["encoders_param_bytes"] > 0
+    assert modes["floor"]["loader_workers"] == modes["cached"]["loader_workers"] == 0  # as `aceturbo train` on the CPU
+    assert modes["floor"]["shapes"] == modes["cached"]["shapes"]
     estimate = record["rows"][0]["estimate"]
     assert estimate["total"] > estimate["weights"] > 0 and row["estimate_over_measured"] > 0
     assert record["cache"]["mb_per_minute"]["total"] > 0 and record["loader_samples_per_s"] > 0

@@ -178,7 +178,7 @@ def test_placement_cpu_defaults(tiny):
             pass
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_offload(tiny_root):
     codec = MusicDCAE.from_checkpoint(tiny_root, device="cuda")
     assert codec.dtype == torch.bfloat16 and codec.offload

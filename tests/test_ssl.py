@@ -173,7 +173,7 @@ def test_placement_helpers(tiny):
     assert ex.offload().weights_device.type == "cpu"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_moves_weights_only_while_used(tiny):
     ex = MertExtractor.from_folder(tiny[0], device="cuda")
     assert ex.dtype == torch.bfloat16 and ex.weights_device.type == "cpu"

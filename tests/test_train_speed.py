@@ -409,7 +409,7 @@ def test_one_host_sync_per_optimizer_step(transformer_dir):
                            "update_ratio"}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (counts real GPU→CPU syncs)")
+@pytest.mark.cuda("counts real GPU→CPU syncs")
 def test_one_cuda_sync_per_optimizer_step(transformer_dir):
     import warnings
 
@@ -479,7 +479,7 @@ def test_fp32_out_matmul_keeps_16_bit_inputs_on_a_gpu():
         assert a.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bmm with out_dtype)")
+@pytest.mark.cuda("bmm with out_dtype")
 def test_fp32_out_matmul_matches_fp32_on_cuda():
     from pipeline.models.attention import matmul_fp32
 

@@ -84,7 +84,7 @@ def test_checkpointing_gives_the_same_gradients(tiny):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_bf16_matches_cpu_fp32(tiny):
     """No hard-coded device: the same model on CUDA in bf16 stays close to CPU fp32 and trains."""
     cpu = ACEStepTransformer2DModel.from_pretrained(tiny).eval()

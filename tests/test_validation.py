@@ -102,6 +102,30 @@ def test_validation_hands_forward_loss_the_cpu_batch_as_training_does(tiny_trans
     assert len({id(x) for x in moved}) == len(moved)  # each tensor moved once
 
 
+def test_validation_of_a_compile_run_skips_the_unpadded_masks(tiny_transformer_dir):
+    """Validation runs eagerly even in a compile run, so it follows the uncompiled rule: masks with
+    nothing padded are not passed (flash kernels), as an uncompiled run's validation does."""
+    import dataclasses
+
+    config = tiny_config()
+    vset = _validation(config, n=1)
+    item = vset.items[0].batch
+    assert bool(item["text_mask"].all()) and bool(item["lyric_mask"].all())  # batch 1: nothing padded
+    model = load_transformer_for_training(tiny_transformer_dir, config, "cpu")  # not compiled: Inductor is slow here
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["text_attention_mask"], kwargs["lyric_mask"], kwargs["attention_mask"]))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    eager = validation_loss(model, vset, config, CPU, torch.float32)
+    compiled = validation_loss(model, vset, dataclasses.replace(config, compile=True), CPU, torch.float32)
+    assert seen and all(masks == (None, None, None) for masks in seen)
+    assert compiled == eager
+
+
 def test_validation_is_independent_of_the_training_rng_and_resume_redraws_the_same_curve(tiny_transformer_dir, tmp_path):
     config = tiny_config(max_steps=8, save_every=0, val_every=2, keep_last=0, log_plot_every=0)
     vset = _validation(config)
