@@ -27,13 +27,11 @@ nothing; a LoRA keeps its input; a saved view shares its tensor's memory):
         LoRA inputs           s·d per distinct input (3 with the official targets: the modulated
                               norm1 output, the attention output, the residual into the cross-
                               attention's query) + s·r per adapted layer
-    The RoPE tables (fp32 cos/sin, [tokens, head_dim]) are made once per forward: 8·head_dim per
-    latent token and per conditioning token, not per block.
     outside the blocks (a_head)
         SSL heads             8s·d               two projectors' SiLU inputs (2d wide, twice each)
         SSL losses            12·Σ frames_i·D_i / T    three fp32 copies of each resampled target
         final layer + loss    4·d + 4·C·16       the RMSNorm's fp32 input, the fp32 prediction
-        RoPE tables           8·head_dim         cos and sin in fp32
+        RoPE tables           8·head_dim         fp32 cos and sin, made once per forward (not per block)
     a recomputing block keeps only its input (s·d); in backward it holds a_block again plus the
     gradient flowing through it (2s·d).
 
@@ -45,16 +43,18 @@ LoRA gradients, L lyric tokens over H lyric-encoder heads (its attention keeps [
                                 backward (the saved inputs drain while the gradients fill up),
                             G + 8·s·H·L²                                  the lyric layers, last
     plus the conditioning sequence's K/V per kept block (2s·d + s·r per adapted K/V layer, per
-    token) and its RoPE tables, and with k = 0 the lyric layers' 5·s·H·L² each. Memory = weights + LoRA + AdamW + batch + that peak (which includes G).
+    token) and its RoPE tables, and with k = 0 the lyric layers' 5·s·H·L² each.
+    Memory = weights + LoRA + AdamW + batch + that peak (which includes G).
 
 Checked against pipeline.memory_meter.count_step_memory (the product's own train_step run under
-a meter that counts every live tensor): on CPU tensors at the demo and small sizes, on ``meta``
-tensors at the full size (tests/test_memory.py; docs/benchmarks.md lists the numbers). This module
-imports no torch: the bench's parent process estimates before it starts anything. Left out: what
-does not grow with the tokens (the linear attention's [heads, head_dim, head_dim + 1] sums, the
-modulation rows: under 1 MiB per block at full size). On a CPU, bf16 linear attention casts q, k, v
-to fp32 first (no bf16 matmul with fp32 output there): a CPU bf16 run keeps more than this model,
-which describes a GPU.
+a meter that counts every live tensor on the step's device; the batch comes from the host): on CPU
+tensors at the demo and small sizes, on ``meta`` tensors at the full size (tests/test_memory.py;
+docs/benchmarks.md lists the numbers). This module imports no torch: the bench's parent process
+estimates before it starts anything. Left out: what does not grow with the tokens (the linear
+attention's [heads, head_dim, head_dim + 1] sums, the modulation rows: under 1 MiB per block at full
+size) and the losses' short-lived temporaries at the end of forward (under 1 % at full size). On a
+CPU, bf16 linear attention casts q, k, v to fp32 first (no bf16 matmul with fp32 output there): a
+CPU bf16 run keeps more than this model, which describes a GPU.
 """
 from __future__ import annotations
 
