@@ -128,7 +128,12 @@ def count_step_memory(transformer_dir: str | Path, config, batch: dict, device: 
     ``device="meta"`` reads no weight (the folder needs only config.json) and computes nothing:
     the count for the full size takes seconds on any machine. ``config``: a TrainConfig."""
     from pipeline.objective import training_sigmas
-    from pipeline.train import PRECISION_DTYPES, _BatchStream, load_transformer_for_training, train_step
+    from pipeline.train import (
+        PRECISION_DTYPES,
+        _BatchStream,
+        load_transformer_for_training,
+        train_step,
+    )
 
     device = torch.device(device)
     dtype = PRECISION_DTYPES[config.precision]
