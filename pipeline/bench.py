@@ -886,7 +886,7 @@ def run_memory_check(workdir: Path | None = None, echo=print) -> dict:
     """The memory model against the meter (see _child_memory_check), in a child process."""
     meta = [(180, 64, "bf16-true", "all"), (60, 64, "bf16-true", "all"), (240, 64, "bf16-true", "all"),
             (180, 16, "bf16-true", "all"), (180, 256, "bf16-true", "all"), (180, 64, "bf16-true", "none"),
-            (180, 64, "fp32", "all")]
+            (180, 64, "bf16-true", "2"), (180, 64, "bf16-true", "3"), (180, 64, "fp32", "all")]
     cpu = [("demo", 60, 16, "fp32", "all"), ("demo", 60, 16, "fp32", "none"), ("demo", 60, 16, "bf16-true", "all"),
            ("small", 60, 64, "fp32", "all"), ("small", 60, 64, "fp32", "none"), ("small", 60, 64, "bf16-true", "all")]
     with tempfile.TemporaryDirectory(prefix="aceturbo-bench-") as tmp:
@@ -1225,7 +1225,8 @@ def _md_memory(results: dict) -> list[str]:
     checks = (results.get("memory_checks") or {}).get("rows") or []
     if checks:
         out += ["", "The model against the meter (`pipeline.memory_meter.count_step_memory`: the product's `train_step`, "
-                "two steps, under `TensorMemoryMeter`, which counts every tensor storage alive — at the full size on "
+                "two steps, under `TensorMemoryMeter`, which counts every tensor storage alive on the step's device (the "
+                "batch comes from the host, as the loaders give it) — at the full size on "
                 "`meta` tensors, at the demo and small sizes on real CPU tensors; "
                 f"`aceturbo bench --memory-check`, {results['memory_checks'].get('date', '')}):", "",
                 "| size | tensors | song s | r | precision | checkpointing | counted peak MiB | model MiB | model ÷ counted |",

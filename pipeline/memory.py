@@ -13,21 +13,25 @@ device — what ``torch.cuda.max_memory_allocated`` reports on a GPU:
 
 Activations, in bytes per latent token, for width d = heads × head_dim, FFN hidden h = d × mlp_ratio,
 s = bytes per element of the training dtype, c = 4 when s < 4 (an fp32 copy the code makes) else 0.
-Counted from what autograd saves in pipeline/models (frozen Linear layers keep nothing; a LoRA keeps
-its input):
+Counted from what autograd saves in pipeline/models as a GPU runs them (frozen Linear layers keep
+nothing; a LoRA keeps its input; a saved view shares its tensor's memory):
 
     one DiT block (a_block)
         two RMSNorms          2·(s + c)·d        their input and its fp32 copy
-        linear self-attention (2s + 2c)·d + 8·(d + heads)   ReLU(q), ReLU(k), their fp32 copies,
-                                                 V padded with ones and the output, in fp32
-        cross-attention       2s·d               SDPA's query and output (fused kernel)
-        RoPE tables           6·c·head_dim       cos/sin cast per call (bf16 only)
-        GLUMBConv FFN         s·(d + 8h)         conv input, 2h expansion, SiLU, depthwise, gate, product
-        LoRA inputs           s·d per distinct input (4 with the official targets) + s·r per adapted layer
+        linear self-attention 3s·d + 4·(d + heads) + 4·heads   ReLU(q), ReLU(k) and V in the model
+                                                 dtype (bf16 inputs, fp32 accumulation), the fp32
+                                                 output with its normaliser column, normaliser + eps
+        cross-attention       2s·d + 4·heads     the fused kernel's query, output and log-sum-exp
+        GLUMBConv FFN         7s·h               SiLU input and output (2h), depthwise output (2h:
+                                                 the value half and the gate), SiLU(gate) (h)
+        LoRA inputs           s·d per distinct input (3 with the official targets: the modulated
+                              norm1 output, the attention output, the residual into the cross-
+                              attention's query) + s·r per adapted layer
     outside the blocks (a_head)
         SSL heads             8s·d               two projectors' SiLU inputs (2d wide, twice each)
         SSL losses            12·Σ frames_i·D_i / T    three fp32 copies of each resampled target
         final layer + loss    4·d + 4·C·16       the RMSNorm's fp32 input, the fp32 prediction
+        RoPE tables           8·head_dim         fp32 cos and sin, made once per forward (not per block)
     a recomputing block keeps only its input (s·d); in backward it holds a_block again plus the
     gradient flowing through it (2s·d).
 
@@ -38,13 +42,19 @@ LoRA gradients, L lyric tokens over H lyric-encoder heads (its attention keeps [
                             T·((n − k + 1)·a_block + 2s·d) + max(T·k·s·d, G)   a recomputing block's
                                 backward (the saved inputs drain while the gradients fill up),
                             G + 8·s·H·L²                                  the lyric layers, last
-    plus the conditioning sequence's K/V per kept block, and with k = 0 the lyric layers' 5·s·H·L²
-    each. Memory = weights + LoRA + AdamW + batch + that peak (which includes G).
+    plus the conditioning sequence's K/V per kept block (2s·d + s·r per adapted K/V layer, per
+    token) and its RoPE tables, and with k = 0 the lyric layers' 5·s·H·L² each.
+    Memory = weights + LoRA + AdamW + batch + that peak (which includes G).
 
 Checked against pipeline.memory_meter.count_step_memory (the product's own train_step run under
-a meter that counts every live tensor): on CPU tensors at the demo and small sizes, on ``meta``
-tensors at the full size (tests/test_memory.py; docs/benchmarks.md lists the numbers). This module
-imports no torch: the bench's parent process estimates before it starts anything.
+a meter that counts every live tensor on the step's device; the batch comes from the host): on CPU
+tensors at the demo and small sizes, on ``meta`` tensors at the full size (tests/test_memory.py;
+docs/benchmarks.md lists the numbers). This module imports no torch: the bench's parent process
+estimates before it starts anything. Left out: what does not grow with the tokens (the linear
+attention's [heads, head_dim, head_dim + 1] sums, the modulation rows: under 1 MiB per block at full
+size) and the losses' short-lived temporaries at the end of forward (under 1 % at full size). On a
+CPU, bf16 linear attention casts q, k, v to fp32 first (no bf16 matmul with fp32 output there): a
+CPU bf16 run keeps more than this model, which describes a GPU.
 """
 from __future__ import annotations
 
@@ -193,19 +203,20 @@ def activation_coefficients(config: dict, precision: str = "bf16-true", rank: in
     s = 2 if precision == "bf16-true" else 4
     c = 4 if s < 4 else 0
     attn_in = any(t in targets for t in ("to_q", "to_k", "to_v"))
-    lora_inputs = int(attn_in) + 2 * int("to_out.0" in targets) + int("to_q" in targets)
+    lora_inputs = int(attn_in) + int("to_out.0" in targets) + int("to_q" in targets)
     lora_latent_layers = sum(1 for t in ("to_q", "to_k", "to_v", "to_out.0") if t in targets) \
         + sum(1 for t in ("to_q", "to_out.0") if t in targets)
-    a_block = (2 * (s + c) * d                       # norm1, norm2
-               + (2 * s + 2 * c) * d + 8 * (d + heads)  # linear self-attention
-               + 2 * s * d                           # cross-attention (SDPA query and output)
-               + 6 * c * hd                          # RoPE tables cast per call
-               + s * (d + 8 * h)                     # GLUMBConv
+    a_block = (2 * (s + c) * d                       # norm1, norm2: input and fp32 copy
+               + 3 * s * d + 4 * (d + heads) + 4 * heads  # linear self-attention
+               + 2 * s * d + 4 * heads               # cross-attention (fused kernel: query, output, LSE)
+               + 7 * s * h                           # GLUMBConv
                + s * d * lora_inputs + s * rank * lora_latent_layers)
     lora_cond = sum(1 for t in ("to_k", "to_v") if t in targets)
-    cond_block = 2 * s * d + 2 * c * hd + s * rank * lora_cond  # SDPA K and V, RoPE on K, LoRA K/V
+    cond_block = 2 * s * d + s * rank * lora_cond  # the kernel's K and V, the LoRA K/V inputs
+    rope = 8 * hd  # fp32 cos/sin tables per token, made once per forward
     return {"a_block": a_block, "block_input": s * d, "backward": 2 * s * d, "cond_block": cond_block,
-            "a_head_fixed": 8 * s * d + 4 * d + 4 * k["in_ch"] * LATENT_HEIGHT, "bytes": s}
+            "cond_fixed": s * d + rope,
+            "a_head_fixed": 8 * s * d + 4 * d + 4 * k["in_ch"] * LATENT_HEIGHT + rope, "bytes": s}
 
 
 def estimate_training_memory(config: dict, seconds: float | None = None, *, tokens: int | None = None,
@@ -235,7 +246,7 @@ def estimate_training_memory(config: dict, seconds: float | None = None, *, toke
     grads = lora * s
     kept = (n - ckpt) * coef["a_block"]
     cond_tokens = 1 + text_tokens + lyric_tokens
-    cond = batch * cond_tokens * (((n - ckpt) + (1 if ckpt else 0)) * coef["cond_block"] + s * k["d"])
+    cond = batch * cond_tokens * (((n - ckpt) + (1 if ckpt else 0)) * coef["cond_block"] + coef["cond_fixed"])
     # The lyric Conformer's attention keeps [heads, L, L] matrices: quadratic in the lyric length.
     lyric_square = batch * k["lyr_heads"] * lyric_tokens**2 * s
     tokens_all = batch * tokens

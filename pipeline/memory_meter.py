@@ -37,8 +37,11 @@ class TensorMemoryMeter(TorchDispatchMode):
     read (``.item()``, ``float()``) returns 1.0 so that code checking its loss still runs.
     """
 
-    def __init__(self):
+    def __init__(self, device: str | torch.device | None = None):
         super().__init__()
+        # Only this device's storages when given (max_memory_allocated counts one device; the host
+        # batch a loader hands to a GPU step is not device memory), else every storage.
+        self.device = None if device is None else torch.device(device).type
         self._seen = WeakIdKeyDictionary()
         self.live = 0
         self.peak = 0
@@ -51,7 +54,7 @@ class TensorMemoryMeter(TorchDispatchMode):
         if not isinstance(t, torch.Tensor):
             return
         storage = t.untyped_storage()
-        if storage in self._seen:
+        if storage in self._seen or (self.device is not None and storage.device.type != self.device):
             return
         size = storage.nbytes()
         self.live += size
@@ -119,7 +122,8 @@ def count_step_memory(transformer_dir: str | Path, config, batch: dict, device: 
                       steps: int = 2) -> dict:
     """Run ``steps`` of the product's training step (pipeline.train.train_step on the model from
     load_transformer_for_training) under TensorMemoryMeter; returns bytes: peak, the frozen
-    weights, the LoRA, and what stays alive between steps (weights + LoRA + AdamW state + batch).
+    weights, the LoRA, and what stays alive between steps (weights + LoRA + AdamW state, and the
+    batch when it is on the device: on the CPU; a GPU step gets it from the host and frees it).
 
     ``device="meta"`` reads no weight (the folder needs only config.json) and computes nothing:
     the count for the full size takes seconds on any machine. ``config``: a TrainConfig."""
@@ -127,7 +131,6 @@ def count_step_memory(transformer_dir: str | Path, config, batch: dict, device: 
     from pipeline.train import (
         PRECISION_DTYPES,
         _BatchStream,
-        batch_to_device,
         load_transformer_for_training,
         train_step,
     )
@@ -136,15 +139,17 @@ def count_step_memory(transformer_dir: str | Path, config, batch: dict, device: 
     dtype = PRECISION_DTYPES[config.precision]
     model = load_transformer_for_training(transformer_dir, config, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    on_device = batch_to_device(batch, device, dtype)
-    meter = TensorMemoryMeter()
-    meter.add(list(model.parameters()), on_device)
+    # The batch stays on the host, as the loaders give it: train_step moves it to the device (and,
+    # reading its masks there, skips the masks of unpadded frames and tokens, as training does).
+    # On the CPU the host batch is device memory too.
+    meter = TensorMemoryMeter(device)
+    meter.add(list(model.parameters()), batch)
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     lora = sum(p.numel() * p.element_size() for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=tuple(config.betas),
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    source = _BatchStream([on_device])
+    source = _BatchStream([batch])
     generator = torch.Generator().manual_seed(config.seed)
     with fused_attention_on_meta(), meter:
         for _ in range(steps):

@@ -8,8 +8,8 @@ ACEStepTransformer2DModel with its LoRA runs under a TorchDispatchMode that sees
 are counted apart; every other op is roughly one GPU kernel in eager mode. For each op it adds the
 FLOPs (torch's FLOP counter formulas) and the bytes read + written, and prints a roofline estimate
 against one H100 SXM (989 TFLOP/s bf16 dense, 67 fp32 without tensor cores, 3.35 TB/s HBM, ~5 µs of
-host time per eager kernel launch). The saved activations are measured with saved-tensor hooks
-(softmax attention is counted as CUDA's memory-efficient kernel, not the math path meta tensors would
+host time per eager kernel launch). The saved activations are measured with saved-tensor hooks, by
+storage, without the frozen weights and their views (softmax attention is counted as CUDA's memory-efficient kernel, not the math path meta tensors would
 take). It also counts the host's reads of device values (each a GPU→CPU sync on CUDA) and the
 copies between host and device.
 These are counts and estimates made on a CPU, not GPU timings: `aceturbo bench` on a GPU times it.
@@ -164,10 +164,16 @@ def count(seconds: float = 180.0, rank: int = 64, checkpointing: str = "all", te
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.8, 0.9), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # Saved tensors by the storage they keep alive: views of one tensor count once, and the frozen
+    # weights (and their transposed views, which a linear layer keeps for its input gradient) not at
+    # all — they are in memory anyway. The storages are held so that no id is reused meanwhile.
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved = {}
 
     def pack(t):
-        saved[id(t)] = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage
         return t
 
     # the model's kernels: forward + backward
@@ -213,7 +219,7 @@ def _count(model, config, data, meta, dtype, counter, pack, saved, optimizer, sc
         "precision": precision, "kernels": total_ops, "kernels_forward": forward_ops,
         "views": counter.views, "tflop_bf16": round(counter.flops["bf16"] / 1e12, 2),
         "tflop_fp32": round(counter.flops["fp32"] / 1e12, 3), "elementwise_gb": round(counter.elementwise_bytes / 1e9, 1),
-        "saved_activations_gib": round(sum(saved.values()) / 2**30, 2), "lora_params_m": round(lora / 1e6, 1),
+        "saved_activations_gib": round(sum(s.nbytes() for s in saved.values()) / 2**30, 2), "lora_params_m": round(lora / 1e6, 1),
         "host_syncs_per_step": host.syncs, "transfers_per_step": dict(host.transfers),
         "top_ops": counter.ops.most_common(12),
         "h100_estimate_s": {k: round(v, 4) for k, v in est.items()},
