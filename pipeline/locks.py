@@ -243,8 +243,9 @@ def read_owner(path: str | Path) -> Owner | None:
     return None
 
 
-def holder(path: str | Path) -> Owner | None:
-    """The live owner of the lock file ``path``, or None when nobody holds it."""
+def holder(path: str | Path, stale_after: float | None = None) -> Owner | None:
+    """The live owner of the lock file ``path``, or None when nobody holds it. ``stale_after``: the
+    heartbeat of a lock that has one (OwnerLock's), which ends another host's claim."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -253,10 +254,12 @@ def holder(path: str | Path) -> Owner | None:
     try:
         free = _flock(fd, exclusive=False) is not False  # closing the fd below lets go of it again
         owner = _owner_in(_read_fd(fd))
+        touched = os.fstat(fd).st_mtime if stale_after is not None else None
     finally:
         os.close(fd)
     if free:  # nobody holds the flock: the owner is gone, unless flock is not honoured here
-        return owner if owner is not None and owner.alive() else None
+        alive = owner is not None and (owner.alive() if touched is None else owner.alive(touched, stale_after))
+        return owner if alive else None
     return owner or read_owner(path) or Owner(pid=-1, host=HOST, started=time.time(), command="(starting)")
 
 
