@@ -161,7 +161,7 @@ class OwnerLock:
         if not self.path.parent.is_dir():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.path.parent.parent)  # the new folder survives a power cut
-        last = None
+        last, orphaned = None, False
         for attempt in range(SETTLE_TRIES):
             if attempt:
                 time.sleep(SETTLE_S)
@@ -172,6 +172,9 @@ class OwnerLock:
                     last = _owner_in(_read_fd(fd))
                     if flocked is False and last is not None and self._alive(last, self._touched(fd)):
                         raise self._refusal(last)
+                    # flocked by a process that is not the owner: the owner's forked children (a
+                    # killed trainer's DataLoader workers share its lock file) until they exit
+                    orphaned = flocked is False and last is not None
                     os.close(fd)
                     continue
                 previous = _owner_in(_read_fd(fd))
@@ -189,6 +192,9 @@ class OwnerLock:
             if previous is not None and previous.pid != os.getpid():
                 self.took_over, self.took_over_line = previous, takeover_line(self.what, previous, touched)
             return self
+        if orphaned:
+            raise self.error(f"{self.what} is still locked by the exiting child processes (such as "
+                             f"DataLoader workers) of the stopped {last.describe()}; retry in a few seconds.")
         raise self._refusal(last)
 
     def touch(self) -> None:
