@@ -243,9 +243,9 @@ def test_two_starts_at_once_one_is_refused_in_one_line(proj):
     traceback, no stale file to trip over afterwards)."""
     from pipeline.locks import OwnerLock
 
-    with OwnerLock(A.ui_dir(proj) / "start.lock", "a test"):
-        with pytest.raises(A.UIError, match="another job is being started right now; try again in a moment"):
-            A.start_job(proj, "train", [sys.executable, "-c", "print('ok')"], Path("workspace/t.log"))
+    with OwnerLock(A.ui_dir(proj) / "start.lock", "a test"), \
+            pytest.raises(A.UIError, match="another job is being started right now; try again in a moment"):
+        A.start_job(proj, "train", [sys.executable, "-c", "print('ok')"], Path("workspace/t.log"))
     job = A.start_job(proj, "train", [sys.executable, "-c", "print('ok')"], Path("workspace/t.log"))
     assert A.wait_job(proj, "train", timeout=10).returncode == 0 and job.pid
     assert not (A.ui_dir(proj) / "start.lock").exists()
