@@ -32,8 +32,19 @@ _READ_BYTES = 4 << 20  # stream files in 4 MiB pieces: constant memory for any c
 
 
 def hash_cache_path(cache_folder: str | os.PathLike) -> Path:
-    """Where the file-digest memo lives for a local cache folder."""
-    return Path(cache_folder) / HASH_CACHE_NAME
+    """Where the file-digest memo lives for a local cache folder.
+
+    A relative folder is taken under DVC_ROOT when that holds it: a queued experiment (`dvc exp run
+    --queue`) runs in a temporary copy of the repository that lacks the memo (it is no DVC output)
+    and reads the model folders from the original repository (ModelsConfig.found_in), so it shares
+    the original's memo instead of re-hashing GBs of weights. Entries are keyed by absolute path
+    and file identity, and the memo is replaced atomically: parallel queue workers can only lose
+    each other's new entries (a re-hash), never mix them up."""
+    folder = Path(cache_folder)
+    root = os.environ.get("DVC_ROOT")
+    if root and not folder.is_absolute() and (Path(root) / folder).is_dir():
+        folder = Path(root) / folder
+    return folder / HASH_CACHE_NAME
 
 
 def file_sha256(path: str | os.PathLike) -> str:

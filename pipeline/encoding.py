@@ -22,7 +22,7 @@ from cache.schema import SongFeatures
 from cache.shards import CacheIndex, ShardSettings, ShardWriter, apply_plan, cleanup_temp, lock_stream, plan_update
 from pipeline.audio import SAMPLE_RATE, load_audio, pad_to_min
 from pipeline.config import ProjectConfig
-from pipeline.errors import DatasetError
+from pipeline.errors import CheckpointError, DatasetError
 from pipeline.fileio import disk_full_guard, write_text_atomic
 from pipeline.features import AUDIO_STREAMS, STREAMS, StreamEncoder, stream_fingerprint
 
@@ -70,26 +70,37 @@ def decode_songs(project: ProjectConfig, progress: bool = True) -> StepSummary:
     return StepSummary("decode", len(todo), len(rows) - len(todo), len(removed))
 
 
-def write_fingerprints(project: ProjectConfig) -> dict[str, tuple[str, bool]]:
+def write_fingerprints(project: ProjectConfig) -> dict[str, tuple[str, str]]:
     """Write each stream's encoder fingerprint (weights + settings + code version) to
     ``paths.fingerprint_file(stream)``, leaving a file alone when it already holds it, so that DVC
-    reruns exactly the encode stages whose encoder changed. Returns {stream: (fingerprint, written)}.
+    reruns exactly the encode stages whose encoder changed. Returns {stream: (fingerprint, state)},
+    state "changed", "unchanged" or "kept: <why>".
 
     Cheap on every run: weight files are re-hashed only when their (inode, size, mtime, ctime)
-    changed (cache/fingerprint.py)."""
+    changed (cache/fingerprint.py). A stream whose encoder weights are not on this machine (a cache
+    fetched with `dvc pull`, trained from without the encoders) keeps its recorded fingerprint: the
+    features are what they were, and its encode stage stays up to date as long as its inputs do.
+    With no recorded fingerprint either, nothing could encode that stream here: the weights' error."""
     result = {}
     for stream in STREAMS:
-        value = stream_fingerprint(stream, project.models, project.encode, project.ingest.min_seconds,
-                                   cache_dir=Path(project.paths.cache))
         path = project.paths.fingerprint_file(stream)
         try:
-            written = path.read_text(encoding="utf-8").strip() != value
+            recorded = path.read_text(encoding="utf-8").strip()
         except OSError:
-            written = True
-        if written:
+            recorded = ""
+        try:
+            value = stream_fingerprint(stream, project.models, project.encode, project.ingest.min_seconds,
+                                       cache_dir=Path(project.paths.cache))
+        except CheckpointError as exc:
+            if not recorded:
+                raise CheckpointError(f"{exc} ({path} records no fingerprint to keep either: "
+                                      "`dvc pull` it with the features, or install the weights)") from exc
+            result[stream] = (recorded, f"kept: encoder weights not on this machine ({exc})")
+            continue
+        if recorded != value:
             with disk_full_guard(path, len(value) + 1, kept="the previous fingerprint files are intact"):
                 write_text_atomic(path, value + "\n")
-        result[stream] = (value, written)
+        result[stream] = (value, "unchanged" if recorded == value else "changed")
     return result
 
 

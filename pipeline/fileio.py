@@ -112,7 +112,10 @@ def remove_dir_atomic(path: str | Path, hidden_prefix: str = ".trash-") -> None:
         return
     trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{hidden_prefix}{path.name}-"))
     os.rmdir(trash)
-    os.rename(path, trash)
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:  # another remover renamed it away after our exists(): removed already
+        return
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 

@@ -161,7 +161,7 @@ class OwnerLock:
         if not self.path.parent.is_dir():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.path.parent.parent)  # the new folder survives a power cut
-        last = None
+        last, orphaned = None, False
         for attempt in range(SETTLE_TRIES):
             if attempt:
                 time.sleep(SETTLE_S)
@@ -172,6 +172,9 @@ class OwnerLock:
                     last = _owner_in(_read_fd(fd))
                     if flocked is False and last is not None and self._alive(last, self._touched(fd)):
                         raise self._refusal(last)
+                    # flocked by a process that is not the owner: the owner's forked children (a
+                    # killed trainer's DataLoader workers share its lock file) until they exit
+                    orphaned = flocked is False and last is not None
                     os.close(fd)
                     continue
                 previous = _owner_in(_read_fd(fd))
@@ -189,6 +192,9 @@ class OwnerLock:
             if previous is not None and previous.pid != os.getpid():
                 self.took_over, self.took_over_line = previous, takeover_line(self.what, previous, touched)
             return self
+        if orphaned:
+            raise self.error(f"{self.what} is still locked by the exiting child processes (such as "
+                             f"DataLoader workers) of the stopped {last.describe()}; retry in a few seconds.")
         raise self._refusal(last)
 
     def touch(self) -> None:
@@ -243,8 +249,9 @@ def read_owner(path: str | Path) -> Owner | None:
     return None
 
 
-def holder(path: str | Path) -> Owner | None:
-    """The live owner of the lock file ``path``, or None when nobody holds it."""
+def holder(path: str | Path, stale_after: float | None = None) -> Owner | None:
+    """The live owner of the lock file ``path``, or None when nobody holds it. ``stale_after``: the
+    heartbeat of a lock that has one (OwnerLock's), which ends another host's claim."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -253,10 +260,12 @@ def holder(path: str | Path) -> Owner | None:
     try:
         free = _flock(fd, exclusive=False) is not False  # closing the fd below lets go of it again
         owner = _owner_in(_read_fd(fd))
+        touched = os.fstat(fd).st_mtime if stale_after is not None else None
     finally:
         os.close(fd)
     if free:  # nobody holds the flock: the owner is gone, unless flock is not honoured here
-        return owner if owner is not None and owner.alive() else None
+        alive = owner is not None and (owner.alive() if touched is None else owner.alive(touched, stale_after))
+        return owner if alive else None
     return owner or read_owner(path) or Owner(pid=-1, host=HOST, started=time.time(), command="(starting)")
 
 

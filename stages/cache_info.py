@@ -80,9 +80,11 @@ def fingerprints(params_file: str):
     The `fingerprints` DVC stage: it runs on every `dvc repro` (cheap: weight files are re-hashed
     only when they changed) and rewrites a file only when its fingerprint changed, so editing an
     encoder's weights in place makes `dvc repro` re-encode exactly that stream (and train again).
+    A stream whose encoder weights are not on this machine keeps its recorded fingerprint (a cache
+    fetched with `dvc pull` trains without the encoders).
     """
     from pipeline.config import load_params
     from pipeline.encoding import write_fingerprints
 
-    for stream, (value, written) in write_fingerprints(load_params(params_file)).items():
-        click.echo(f"{stream:<8} {value[:12]}  {'changed' if written else 'unchanged'}")
+    for stream, (value, state) in write_fingerprints(load_params(params_file)).items():
+        click.echo(f"{stream:<8} {value[:12]}  {state}")

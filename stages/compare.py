@@ -90,7 +90,7 @@ def cli(run, steps, weights, prompt, lyrics_file, seed, duration, sampling_steps
     project = load_params(params_path)
     run_dir = run_folder(project, run)
     columns = plan_columns(run_dir, steps)
-    weight_list = _floats(weights, "--weights")
+    weight_list = list(dict.fromkeys(_floats(weights, "--weights")))  # 1,1: one clip (one file name each)
     lyrics = read_lyrics_file(lyrics_file)
     checkpoint, lyric_vocab = default_model_paths(project.models, checkpoint, lyric_vocab)
     out_dir = Path(out) if out else default_out_dir(project.paths.exps, run_dir.name, seed)

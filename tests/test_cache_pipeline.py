@@ -219,3 +219,23 @@ def test_held_out_songs_give_the_same_validation_set_cached_and_live(project, de
     assert cached.batch["latents"].shape[-1] == max_frames(MAX_SECONDS)  # cropped like a training sample
     for name in ("latents", "text_states", "lyric_ids"):
         assert torch.equal(cached.batch[name], live.batch[name]), name
+
+
+def test_fingerprints_stage_keeps_a_pulled_fingerprint_without_the_weights(project, tmp_path):
+    """`dvc pull` of the cache on a machine without the encoders: the fingerprints stage keeps each
+    recorded fingerprint (training works from the cache alone); with nothing recorded it says what is
+    missing in one line."""
+    from pipeline.encoding import write_fingerprints
+    from pipeline.errors import CheckpointError
+
+    first = write_fingerprints(project)
+    assert {state for _, state in first.values()} == {"changed"}
+    recorded = project.paths.fingerprint_file("mert").read_text(encoding="utf-8")
+    no_mert = dataclasses.replace(project, models=dataclasses.replace(project.models, mert=str(tmp_path / "gone")))
+    again = write_fingerprints(no_mert)
+    assert again["mert"][0] == first["mert"][0] and again["mert"][1].startswith("kept: encoder weights not on")
+    assert {again[s][1] for s in STREAMS if s != "mert"} == {"unchanged"}
+    assert project.paths.fingerprint_file("mert").read_text(encoding="utf-8") == recorded
+    project.paths.fingerprint_file("mert").unlink()
+    with pytest.raises(CheckpointError, match="MERT model not found.*records no fingerprint"):
+        write_fingerprints(no_mert)

@@ -550,3 +550,26 @@ def test_fingerprint_memo_sees_an_edit_that_keeps_size_and_mtime(tmp_path):
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime back
     assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert fingerprint(weights, {}, "v", hash_cache=memo) != before
+
+
+def test_a_queued_experiment_shares_the_workspace_fingerprint_memo(tmp_path, monkeypatch):
+    """`dvc exp run --queue` runs in a temp copy (DVC_ROOT: the original repository): the weights
+    hashed there once are only stat'ed in the copy."""
+    from cache import fingerprint as fp
+
+    original, copy = tmp_path / "repo", tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "run1"
+    (original / "workspace" / "cache").mkdir(parents=True)
+    (copy / "workspace" / "cache").mkdir(parents=True)
+    weights = original / "model.safetensors"
+    weights.write_bytes(b"\x01" * 4096)
+    monkeypatch.setenv("DVC_ROOT", str(original))
+    monkeypatch.chdir(original)
+    before = fp.fingerprint(weights, {}, "v", hash_cache=fp.hash_cache_path("workspace/cache"))
+    monkeypatch.chdir(copy)
+    assert fp.hash_cache_path("workspace/cache") == original / "workspace" / "cache" / fp.HASH_CACHE_NAME
+    hashed = []
+    monkeypatch.setattr(fp, "file_sha256", lambda path: hashed.append(path) or "x")
+    assert fp.fingerprint(weights, {}, "v", hash_cache=fp.hash_cache_path("workspace/cache")) == before
+    assert hashed == []
+    monkeypatch.delenv("DVC_ROOT")
+    assert fp.hash_cache_path("workspace/cache") == Path("workspace/cache") / fp.HASH_CACHE_NAME

@@ -99,6 +99,24 @@ def test_compare_writes_beside_the_samples_not_into_the_dvc_cached_run(tiny_chec
     assert not (run / "compare").exists()
 
 
+def test_a_weight_given_twice_is_sampled_once(tiny_checkpoint, run, tmp_path, monkeypatch):
+    """--weights 1,0.5,1: every clip of a checkpoint has its own file name, so 1 is sampled once."""
+    import pipeline.sampling.compare as sampling_compare
+    from stages.cli import group
+
+    seen = {}
+
+    def fake_compare(checkpoint_root, columns, weights, *args, **kwargs):
+        seen["weights"] = weights
+        return tmp_path / "index.json"
+
+    monkeypatch.setattr(sampling_compare, "compare", fake_compare)
+    result = CliRunner().invoke(group, _args(tiny_checkpoint, run, tmp_path / "out", "--steps", "best",
+                                             "--weights", "1,0.5,1.0"))
+    assert result.exit_code == 0, result.output
+    assert seen["weights"] == [1.0, 0.5] and "3 clips: base model + step 2 (best) × weights 1, 0.5" in result.output
+
+
 def test_ui_compare_runs_the_command_and_reads_the_grid(run, tmp_path, monkeypatch):
     from pipeline.config import ProjectConfig
     from pipeline.ui import actions as A

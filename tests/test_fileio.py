@@ -68,6 +68,25 @@ def test_publish_dir_and_remove_dir_atomic(tmp_path, umask):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_remove_dir_atomic_when_another_remover_wins(tmp_path, monkeypatch):
+    """Two removers of one folder: the one whose rename finds it gone treats it as removed."""
+    import tempfile
+
+    victim = tmp_path / "old"
+    victim.mkdir()
+    real = tempfile.mkdtemp
+
+    def other_remover_first(*args, **kwargs):  # between our exists() and our rename
+        import shutil
+
+        shutil.rmtree(victim)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkdtemp", other_remover_first)
+    fileio.remove_dir_atomic(victim)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_disk_full_becomes_one_line(tmp_path):
     import errno
 

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,6 +130,38 @@ def test_a_dead_owner_on_this_host_is_taken_over_and_a_recycled_pid_is_not_alive
     me = Owner.me()
     assert me.alive() and not Owner(**{**me.__dict__, "ticks": (me.ticks or 0) + 1}).alive()
     assert Owner(**{**me.__dict__, "host": "elsewhere"}).alive()  # another host: never assumed dead
+
+
+def test_a_lock_kept_by_the_workers_of_a_dead_owner_says_so(tmp_path):
+    """kill -9 of a trainer: its forked DataLoader workers hold the flock a few seconds more. A
+    restart then is told that, not that the dead pid uses the folder."""
+    from pipeline.errors import LockHeldError
+    from pipeline.locks import run_lock
+
+    run = tmp_path / "exp"
+    code = ("import os, sys, time\nfrom pipeline.locks import run_lock\n"
+            f"run_lock({str(run)!r}).acquire()\nchild = os.fork()\n"
+            "if child == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+            "print(child, flush=True)\nos.kill(os.getpid(), 9)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    assert proc.wait() == -signal.SIGKILL
+    proc.stdout.close()
+    try:
+        with pytest.raises(LockHeldError, match=r"still locked by the exiting child processes \(such as "
+                                                rf"DataLoader workers\) of the stopped pid {proc.pid} on host .*retry in a few"):
+            run_lock(run).acquire()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    deadline = time.time() + 10  # the worker is not our child: wait until the kernel drops its flock
+    while True:
+        try:
+            with run_lock(run) as lock:
+                assert lock.took_over.pid == proc.pid
+            break
+        except LockHeldError:
+            assert time.time() < deadline
+            time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ item 3: a failed start touches nothing

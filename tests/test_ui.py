@@ -216,6 +216,41 @@ def test_a_training_started_outside_the_ui_blocks_train_and_convert(proj, lock_h
     assert A.outside_trainings(proj) == {}  # its lock is stale now: free
 
 
+def test_an_encode_started_outside_the_ui_blocks_train_and_convert(proj):
+    """An `aceturbo encode` / dvc encode stage holds its stream lock: the one-job rule sees it too."""
+    import subprocess
+
+    code = ("import time\nfrom cache.shards import lock_stream\n"
+            "lock_stream('workspace/cache/features', 'text').acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**A.command_env(), "PYTHONPATH": str(Path(A.__file__).resolve().parents[2])})
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert A.outside_encodes(proj)["text"].pid == other.pid
+        with pytest.raises(A.UIError, match=rf"feature stream 'text' is being encoded outside this UI \(pid "
+                                            rf"{other.pid} on host .*wait for it to finish"):
+            A.start_convert(proj)
+        with pytest.raises(A.UIError, match="being encoded outside this UI"):
+            A.start_training(proj, "balanced", {})
+    finally:
+        other.kill()
+        other.wait()
+    assert A.outside_encodes(proj) == {}  # killed: its lock (record still in the file) is free
+
+
+def test_two_starts_at_once_one_is_refused_in_one_line(proj):
+    """The UI's start lock is an OwnerLock: a start while another is under way gets one line (no
+    traceback, no stale file to trip over afterwards)."""
+    from pipeline.locks import OwnerLock
+
+    with OwnerLock(A.ui_dir(proj) / "start.lock", "a test"), \
+            pytest.raises(A.UIError, match="another job is being started right now; try again in a moment"):
+        A.start_job(proj, "train", [sys.executable, "-c", "print('ok')"], Path("workspace/t.log"))
+    job = A.start_job(proj, "train", [sys.executable, "-c", "print('ok')"], Path("workspace/t.log"))
+    assert A.wait_job(proj, "train", timeout=10).returncode == 0 and job.pid
+    assert not (A.ui_dir(proj) / "start.lock").exists()
+
+
 def test_the_cli_refuses_the_experiment_the_ui_is_training(proj, capsys):
     """The UI's training job holds the run lock (stand-in: a process taking it as `aceturbo train`
     does): a `dvc repro` / terminal training of that experiment is refused, naming the job's pid."""

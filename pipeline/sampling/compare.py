@@ -90,6 +90,7 @@ def compare(
         raise ConfigError("nothing to compare: name at least one checkpoint (e.g. --steps 500,best)")
     if not weights or any(not w > 0 for w in weights):
         raise ConfigError(f"LoRA weights must be > 0 (got {weights}); pass e.g. --weights 0.5,1.0")
+    weights = list(dict.fromkeys(weights))  # a weight given twice would sample one clip twice into one file
     settings, n_frames = check_request(duration, settings, None)
     root = require_checkpoint_root(checkpoint_root)
     for column in columns:

@@ -496,10 +496,39 @@ def outside_trainings(proj: ProjectConfig) -> dict:
     return {name: owner for name, owner in held_run_locks(proj.paths.exps).items() if owner.pid != ours}
 
 
+def outside_encodes(proj: ProjectConfig) -> dict:
+    """{stream: owner} of feature streams being written by a process this UI did not start (an
+    `aceturbo encode`, a `dvc repro` encode stage): they hold the stream locks
+    ``<features>/<stream>/.lock-<worker>`` (cache/lock.py). Local feature folders only."""
+    from pipeline.locks import STALE_AFTER_S, holder
+
+    features = Path(proj.paths.features)
+    if "://" in proj.paths.features or not features.is_dir():
+        return {}
+    found = {}
+    for path in sorted(features.glob("*/.lock-*")):
+        owner = holder(path, stale_after=STALE_AFTER_S)
+        if owner is not None:
+            found.setdefault(path.parent.name, owner)
+    return found
+
+
 def start_job(proj: ProjectConfig, kind: str, argv: list[str], log: Path, info: dict | None = None,
               exclusive: tuple[str, ...] = EXCLUSIVE) -> Job:
     """Start ``argv`` in its own session with stdout+stderr appended to ``log``; UIError if a job
-    of ``exclusive`` kinds is running."""
+    of ``exclusive`` kinds is running (started here, or for "train" and "convert", elsewhere)."""
+    from pipeline.locks import OwnerLock
+
+    # Two clicks at once (or two UIs): only one gets past here, and it checks for busy jobs while
+    # holding the lock, so the other sees the job it started.
+    start = OwnerLock(ui_dir(proj) / "start.lock", "the UI's job start",
+                      hint="another job is being started right now; try again in a moment", error=UIError)
+    with start:
+        _refuse_busy(proj, exclusive)
+        return _spawn(proj, kind, argv, log, info)
+
+
+def _refuse_busy(proj: ProjectConfig, exclusive: tuple[str, ...]) -> None:
     busy = running_job(proj, *exclusive)
     if busy is not None:
         what = "a training" if busy.kind == "train" else f"a {busy.kind}"
@@ -510,29 +539,26 @@ def start_job(proj: ProjectConfig, kind: str, argv: list[str], log: Path, info: 
         experiment, owner = next(iter(outside.items()))
         raise UIError(f"a training of experiment '{experiment}' is already running outside this UI "
                       f"({owner.describe()}); wait for it to finish or stop it first")
-    lock = ui_dir(proj) / "start.lock"
-    try:  # two clicks at once: only one gets past here
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        if time.time() - lock.stat().st_mtime < 30:
-            raise UIError("another job is being started right now; try again in a moment") from None
-        lock.unlink(missing_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.close(fd)
-    try:
-        log = Path(log)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
-            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(_shown(argv))}\n".encode())
-            out.flush()
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     env=command_env(), start_new_session=True)
-        _CHILDREN[child.pid] = child
-        job = Job(kind=kind, pid=child.pid, argv=list(argv), log=str(log), started=time.time(), info=info or {})
-        _write_job(proj, job)
-        return job
-    finally:
-        lock.unlink(missing_ok=True)
+    # No convert of ours runs (checked above), so a held stream lock is someone else's encode.
+    encoding = outside_encodes(proj) if "convert" in exclusive else {}
+    if encoding:
+        stream, owner = next(iter(encoding.items()))
+        raise UIError(f"feature stream '{stream}' is being encoded outside this UI ({owner.describe()}); "
+                      f"wait for it to finish or stop it first")
+
+
+def _spawn(proj: ProjectConfig, kind: str, argv: list[str], log: Path, info: dict | None) -> Job:
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(_shown(argv))}\n".encode())
+        out.flush()
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 env=command_env(), start_new_session=True)
+    _CHILDREN[child.pid] = child
+    job = Job(kind=kind, pid=child.pid, argv=list(argv), log=str(log), started=time.time(), info=info or {})
+    _write_job(proj, job)
+    return job
 
 
 def _shown(argv: list[str]) -> list[str]:
