@@ -8,7 +8,7 @@ transformer's files are whole, ``paths.require`` checked when it found the folde
 memory or disk during a run into one line that says what to lower or free and which checkpoint is
 intact.
 
-    preflight(config, transformer_dir)
+    preflight(config, transformer_dir, device)
     with explain_failures(config, run_dir, "training"):
         train(...)
 """
@@ -79,13 +79,17 @@ def lora_target_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, 
     return {t: [(name, m) for name, m in modules if name == t or name.endswith("." + t)] for t in targets}
 
 
+def _adaptable(module: torch.nn.Module) -> bool:
+    """A layer whose LoRA trains, saves and loads here (pipeline.lora): Linear, ungrouped Conv1d."""
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv1d) and module.groups == 1)
+
+
 def check_lora_targets(config: TrainConfig, layers: dict[str, list[tuple[str, torch.nn.Module]]]) -> None:
     """Every target names at least one layer peft can adapt. A rank above min(in, out) of a layer
     is allowed (the tiny demo model trains the real presets' ranks) but trains nothing more than
     min(in, out) would, at the cost of memory: a warning says so."""
     from pipeline.train import UNUSED_IN_TRAINING
 
-    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
     for target, found in layers.items():
         if not found and target.rsplit(".", 1)[-1] in UNUSED_IN_TRAINING:
             # peft would skip it without a word beside other targets, or fail at load when alone
@@ -95,11 +99,17 @@ def check_lora_targets(config: TrainConfig, layers: dict[str, list[tuple[str, to
         if not found:
             raise ConfigError(f"train setting 'target_modules': '{target}' names no layer of the transformer; "
                               "use layer names such as to_q, to_k, to_v, to_out.0, linear_q, speaker_embedder.")
-        blocks = [name for name, m in found if not isinstance(m, adaptable)]
-        if blocks:
-            raise ConfigError(f"train setting 'target_modules': '{target}' names {blocks[0]}, a "
-                              f"{type(dict(found)[blocks[0]]).__name__} block, not a layer; name its layers "
-                              "(e.g. to_q, to_k, to_v).")
+        for name, m in found:
+            if _adaptable(m):
+                continue
+            if isinstance(m, (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)):
+                # peft would wrap them, but an Embedding's LoRA is not trained or saved here, a grouped
+                # conv's rank must divide its groups, and Conv2d/grouped LoRA files load nowhere else
+                kind = "grouped (depthwise) Conv1d" if isinstance(m, torch.nn.Conv1d) else type(m).__name__
+                raise ConfigError(f"train setting 'target_modules': '{target}' names {name}, a {kind} layer; "
+                                  "LoRA here adapts Linear layers and ungrouped Conv1d layers only: drop it.")
+            raise ConfigError(f"train setting 'target_modules': '{target}' names {name}, a "
+                              f"{type(m).__name__} block, not a layer; name its layers (e.g. to_q, to_k, to_v).")
     linears = [(n, m) for found in layers.values() for n, m in found if isinstance(m, torch.nn.Linear)]
     narrow = [(n, m) for n, m in linears if config.rank > min(m.in_features, m.out_features)]
     if narrow:

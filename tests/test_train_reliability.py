@@ -467,6 +467,20 @@ def test_preflight_refuses_lora_targets_the_training_step_never_uses(tiny_transf
         preflight(tiny_config(target_modules=targets), Path(tiny_transformer_dir), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("target, kind", [("lyric_embs", "Embedding"), ("depth_conv.conv", "grouped \\(depthwise\\) Conv1d"),
+                                          ("early_conv_layers.0", "Conv2d")])
+def test_preflight_refuses_layers_whose_lora_is_not_trained_or_loaded(tiny_transformer_dir, target, kind):
+    """peft wraps Embedding, grouped Conv1d and Conv2d layers too, but an Embedding's LoRA is neither
+    trained nor saved here, a grouped conv needs a rank its groups divide, and such files load
+    nowhere: refused before anything is touched. An ungrouped Conv1d is fine."""
+    from pipeline.train_guard import preflight
+
+    preflight(tiny_config(target_modules=["inverted_conv.conv"]), Path(tiny_transformer_dir), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=rf"'{target}' names .*, a {kind} layer; LoRA here adapts Linear layers and "
+                                          r"ungrouped Conv1d layers only: drop it\.$"):
+        preflight(tiny_config(target_modules=["to_q", target]), Path(tiny_transformer_dir), torch.device("cpu"))
+
+
 def test_cuda_without_a_gpu_or_beyond_the_count(monkeypatch):
     from pipeline.distributed import resolve_device
 
