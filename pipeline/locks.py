@@ -174,7 +174,7 @@ class OwnerLock:
                         raise self._refusal(last)
                     # flocked by a process that is not the owner: the owner's forked children (a
                     # killed trainer's DataLoader workers share its lock file) until they exit
-                    orphaned = flocked is False and last is not None
+                    orphaned = flocked is False and last is not None and last.on_this_host()
                     os.close(fd)
                     continue
                 previous = _owner_in(_read_fd(fd))
