@@ -541,7 +541,8 @@ def _child_train(spec: dict) -> dict:
                           else ("cpu" if config.device == "auto" else config.device))
     result["device"] = str(device)
     settings = loader_settings(config, device, speaker_dim)  # as `aceturbo train` reads the cache
-    result["loader_workers"] = settings.num_workers
+    if mode != "live":  # live encodes its batches in this process: no cache loader
+        result["loader_workers"] = settings.num_workers
     encoders_bytes = 0
     if mode == "live":
         from pipeline.dataset import read_manifest
@@ -816,8 +817,10 @@ def _flop_ratios(settings: BenchSettings, prep: dict) -> dict:
 
 def _prepare(settings: BenchSettings, base: dict, root: Path, ckpt: Path, echo) -> dict:
     """The prepare child's result, reused from an earlier run in this workdir with the same inputs
-    (the checkpoint, songs and cache do not depend on the LoRA rank: every rank reuses them)."""
-    tag = f"{settings.size}-{settings.songs}x{settings.song_seconds:g}s-{settings.device}"
+    (the checkpoint, songs and cache do not depend on the LoRA rank: every rank reuses them; the
+    loader throughput it measures depends on the worker count, which is in the name)."""
+    workers = "auto" if settings.num_workers is None else settings.num_workers
+    tag = f"{settings.size}-{settings.songs}x{settings.song_seconds:g}s-{settings.device}-w{workers}"
     kept = root / f"prepared-{tag}.json"
     if kept.is_file() and Path(base["project"]["paths"]["cache"]).is_dir():
         echo(f"  prepare: reusing {kept.name} (checkpoint, songs and feature cache of an earlier run)")
@@ -826,7 +829,9 @@ def _prepare(settings: BenchSettings, base: dict, root: Path, ckpt: Path, echo) 
             "checkpoint_root": str(ckpt), "num_workers": settings.num_workers, "seed": settings.seed,
             "loader_seconds": settings.loader_seconds}
     prep = _run_child(spec, root, f"{settings.size}-prepare", echo)
-    kept.write_text(json.dumps(prep, indent=1))
+    from pipeline.fileio import write_json_atomic
+
+    write_json_atomic(kept, prep, indent=1)  # a killed bench never leaves a half file to be reused
     return prep
 
 

@@ -238,6 +238,7 @@ json.dump({{"record": record, "heavy": heavy}}, open({str(out)!r}, "w"))
     assert len(modes["paired"]["step_times"]) == 8 and row["paired_cached_over_floor"] > 0
     assert modes["live"]["encoders_param_bytes"] > 0
     assert modes["floor"]["loader_workers"] == modes["cached"]["loader_workers"] == 0  # as `aceturbo train` on the CPU
+    assert "loader_workers" not in modes["live"]  # live encodes in process: no cache loader
     assert modes["floor"]["shapes"] == modes["cached"]["shapes"]
     estimate = record["rows"][0]["estimate"]
     assert estimate["total"] > estimate["weights"] > 0 and row["estimate_over_measured"] > 0
