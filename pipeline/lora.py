@@ -485,8 +485,8 @@ def inspect_lora(path: str | Path, alpha: float | None = None, use_rslora: bool 
     """Read what a LoRA (folder or file) says about itself, checking it is a well-formed LoRA.
 
     The scale ``load_lora`` applies, first match wins: ``alpha``/``use_rslora`` when given (the
-    trained values of a file that lacks them; a ConfigError for a file that records its own); our baked file (1); ``.alpha`` tensors (alpha/r per
-    module, the kohya/ComfyUI rule); ``lora_adapter_metadata`` (alpha/√r with rsLoRA, else alpha/r);
+    trained values of a file that lacks them; a ConfigError for a file that records its own); our
+    baked file (1); ``.alpha`` tensors (alpha/r per module, the kohya/ComfyUI rule); ``lora_adapter_metadata`` (alpha/√r with rsLoRA, else alpha/r);
     nothing (1: alpha = r, what every loader assumes then)."""
     file = _resolve_file(path)
     metadata, stored, shapes, dtypes, alphas = _read_header(file)
