@@ -384,7 +384,7 @@ def _child_prepare(spec: dict) -> dict:
     import torch
 
     from cache.bench import loader_throughput, measure_cache
-    from cache.loader import LoaderSettings, make_loader
+    from cache.loader import make_loader
     from cache.pcm import read_pcm
     from pipeline.dataset import read_previous_manifest, scan_dataset, write_manifest, write_stage_views
     from pipeline.encoding import decode_songs, encode_stream, read_rows
@@ -428,11 +428,13 @@ def _child_prepare(spec: dict) -> dict:
                            "audio_s_per_s": audio_s / encode_s if encode_s > 0 else None, **params}
     configs = configs_from_models(project.models)
     speaker = configs["transformer"].get("speaker_embedding_dim", 512)
+    from pipeline.train import loader_settings as training_loader
     from pipeline.train_config import from_params
 
-    workers = from_params({} if spec["num_workers"] is None else {"num_workers": spec["num_workers"]}).loader_workers(
-        "cuda" if torch.cuda.is_available() and project.encode.device != "cpu" else "cpu")  # as training resolves it
-    loader_settings = LoaderSettings(num_workers=workers, speaker_dim=speaker, seed=spec["seed"])
+    loader_params = {"seed": spec["seed"], **({} if spec["num_workers"] is None else {"num_workers": spec["num_workers"]})}
+    device = torch.device("cuda" if torch.cuda.is_available() and project.encode.device != "cpu" else "cpu")
+    loader_settings = training_loader(from_params(loader_params), device, speaker)  # the loader as `aceturbo train` builds it
+    workers = loader_settings.num_workers
     batch = next(iter(make_loader(project.paths.features, loader_settings)))
     shapes = dict(tokens=int(batch["latents"].shape[-1]), text_tokens=int(batch["text_states"].shape[1]),
                   lyric_tokens=int(batch["lyric_ids"].shape[1]), batch=int(batch["latents"].shape[0]))
